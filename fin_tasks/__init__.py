@@ -1,0 +1,1 @@
+"""Financial-task fine-tuning pipeline."""

@@ -1,0 +1,221 @@
+"""The `prepare` stage: raw rows in, validated train/valid/test splits and a manifest out."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fin_tasks.artifacts import atomic_dir, package_versions, sha256_file, sha256_tree, write_jsonl
+from fin_tasks.artifacts import write_json
+from fin_tasks.config import PrepareConfig, TaskConfig
+from fin_tasks.errors import DataError
+from fin_tasks.readers import HUB_PREFIX, RawRow, read_rows, split_location
+from fin_tasks.schemas import records_schema, validate_rows
+from fin_tasks.tasks import Task, has_numeric, task_from_config
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+_SUBJECT_SUFFIX = re.compile(r"_(dev|val|valid|test|train)$")
+
+
+def prepare_task(name: str, config: TaskConfig, settings: PrepareConfig,
+                 out_dir: str | Path) -> dict[str, Any]:
+    """Prepare one task into `out_dir` (written atomically); returns its manifest."""
+    task = task_from_config(name, config)
+    frames: dict[str, pd.DataFrame] = {}
+    origin: dict[str, str] = {}
+    for split in SPLITS:
+        file = getattr(config.splits, split)
+        if file is not None:
+            frames[split] = load_split(task, split_location(config.data, file), config.revision)
+            origin[split] = split_location(config.data, file)
+    for split, fraction in (("test", settings.test_fraction), ("valid", settings.valid_fraction)):
+        if split not in frames:
+            frames["train"], frames[split] = carve(frames["train"], fraction, settings.seed,
+                                                   stratify=bool(task.labels))
+            origin[split] = f"carved from train ({fraction:.0%}, seed {settings.seed})"
+    frames = {split: frames[split] for split in SPLITS}
+    leakage, dropped = check_leakage(frames, settings.on_leakage)
+    records = {split: to_records(task, frame) for split, frame in frames.items()}
+    for split, rows in records.items():
+        records_schema(task, _labeled(frames[split])).validate(
+            pd.DataFrame(rows).astype({"gold": "Int64"} if task.labels else {}))
+    manifest = _manifest(task, config, settings, frames, origin, leakage, dropped)
+    with atomic_dir(out_dir) as scratch:
+        for split, rows in records.items():
+            write_jsonl(scratch / f"{split}.jsonl", rows)
+        manifest["outputs"] = {f"{split}.jsonl": sha256_file(scratch / f"{split}.jsonl")
+                               for split in records}
+        write_json(scratch / "manifest.json", manifest)
+    log.info("prepared %s: %s", name,
+             ", ".join(f"{s} {len(f)}" for s, f in frames.items()))
+    return manifest
+
+
+def load_split(task: Task, location: str, revision: str | None = None) -> pd.DataFrame:
+    """Read and validate one split into canonical rows (id, text, answer, ...)."""
+    rows = read_rows(location, task.required_fields, revision)
+    frame = pd.DataFrame([_canonical(task, row) for row in rows])
+    labeled = frame["answer"].notna()
+    if labeled.any() and not labeled.all():
+        bad = frame[~labeled].iloc[0]
+        raise DataError(bad["_source"], int(bad["_line"]), task.label_field, "missing label",
+                        "a label on every row, since other rows of this split have one",
+                        unit=bad["_unit"])
+    return validate_rows(frame, task, labeled=bool(labeled.all()))
+
+
+def _canonical(task: Task, row: RawRow) -> dict[str, Any]:
+    """One raw row in canonical form, keeping where it came from."""
+    fields = row.fields
+    answer = fields.get(task.label_field) if task.label_field else None
+    if answer is not None and not (isinstance(answer, float) and np.isnan(answer)):
+        answer = str(answer).strip()
+        answer = task.label_names.get(answer, answer)
+    else:
+        answer = None
+    if answer is not None and task.gold_field in fields and answer in task.labels:
+        gold = fields[task.gold_field]
+        if gold != task.labels.index(answer):
+            raise DataError(row.source, row.line, task.gold_field,
+                            f"gold {gold!r} disagrees with label '{answer}'",
+                            f"gold {task.labels.index(answer)} (the label's index in "
+                            f"{list(task.labels)})", unit=row.unit)
+    for name in (task.id_field, task.text_field, *task.option_fields):
+        if not isinstance(fields[name], (str, int)) or isinstance(fields[name], bool):
+            raise DataError(row.source, row.line, name, f"a {type(fields[name]).__name__}",
+                            "a string", unit=row.unit)
+    canonical = {"id": str(fields[task.id_field]), "text": fields[task.text_field],
+                 "answer": answer, "_source": row.source, "_line": row.line, "_unit": row.unit}
+    if task.option_fields:
+        canonical["options"] = tuple(str(fields[name]) for name in task.option_fields)
+        canonical["subject"] = _subject(row.source) if task.subject_from_file else ""
+        if task.subject_from_file:
+            canonical["id"] = f"{canonical['subject']}-{canonical['id']}"
+    return canonical
+
+
+def _subject(source: str) -> str:
+    """FinEval subject from a file name: `accounting_val.csv` -> `accounting`."""
+    return _SUBJECT_SUFFIX.sub("", Path(source).stem)
+
+
+def _labeled(frame: pd.DataFrame) -> bool:
+    return bool(frame["answer"].notna().all())
+
+
+def carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool,
+          ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off `fraction` of rows (per label when stratified), reproducibly for a seed."""
+    if not _labeled(frame):
+        raise DataError(frame["_source"].iloc[0], None, None,
+                        "cannot carve a split from unlabeled rows", "a labeled train split")
+    rng = np.random.default_rng(seed)
+    groups = frame.groupby("answer").indices if stratify else {"": np.arange(len(frame))}
+    taken: list[int] = []
+    for _, positions in sorted(groups.items()):
+        count = int(round(len(positions) * fraction))
+        taken.extend(rng.permutation(positions)[:count].tolist())
+    mask = np.zeros(len(frame), dtype=bool)
+    mask[taken] = True
+    return frame[~mask], frame[mask]
+
+
+def check_leakage(frames: dict[str, pd.DataFrame], policy: str,
+                  ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Exact-duplicate texts shared by train and valid/test: report, fail or drop from train."""
+    train = frames["train"]
+    key = train["text"].str.strip()
+    report: dict[str, Any] = {}
+    dropped: Counter[str] = Counter()
+    for split in ("valid", "test"):
+        shared = key.isin(set(frames[split]["text"].str.strip()))
+        report[f"train_{split}"] = {"rows": int(shared.sum()),
+                                    "train_ids": train.loc[shared, "id"].head(20).tolist()}
+        if not shared.any():
+            continue
+        first = train[shared].iloc[0]
+        message = (f"{int(shared.sum())} train text(s) also appear in {split}, "
+                   f"first: '{first['text'][:60]}'")
+        if policy == "error":
+            raise DataError(first["_source"], int(first["_line"]), "text", message,
+                            "no exact-duplicate text shared between splits "
+                            "(or prepare.on_leakage: warn/drop)", unit=first["_unit"])
+        if policy == "drop":
+            dropped[f"text also in {split}"] += int(shared.sum())
+            train, key = train[~shared], key[~shared]
+        log.warning("%s (on_leakage=%s)", message, policy)
+    frames["train"] = train
+    return report, dict(dropped)
+
+
+def to_records(task: Task, frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Canonical rows in the organizers' record layout (query, answer, choices, gold)."""
+    records = []
+    for row in frame.to_dict("records"):
+        options = tuple(row.get("options") or ())
+        record: dict[str, Any] = {
+            "id": row["id"],
+            "query": task.query(row["text"], options, row.get("subject", "")),
+            "answer": row["answer"],
+            "text": row["text"],
+        }
+        if task.labels:
+            record["choices"] = list(task.labels)
+            record["gold"] = None if row["answer"] is None else task.labels.index(row["answer"])
+        if task.option_fields:
+            record |= {"options": list(options), "subject": row["subject"],
+                       "numeric": has_numeric(row["text"], *options)}
+        records.append(record)
+    return records
+
+
+def _manifest(task: Task, config: TaskConfig, settings: PrepareConfig,
+              frames: dict[str, pd.DataFrame], origin: dict[str, str],
+              leakage: dict[str, Any], dropped: dict[str, int]) -> dict[str, Any]:
+    """What the stage produced and from what: counts, hashes, config, versions."""
+    splits = {}
+    for split, frame in frames.items():
+        counts = Counter(frame["answer"].dropna())
+        duplicated = frame["text"].str.strip().duplicated(keep=False)
+        splits[split] = {
+            "rows": len(frame),
+            "labeled": _labeled(frame),
+            "labels": dict(sorted(counts.items())) if task.labels else {},
+            "origin": origin[split],
+            "duplicate_text_rows": int(duplicated.sum()),
+        }
+        if task.option_fields:
+            numeric = [has_numeric(t, *o) for t, o in zip(frame["text"], frame["options"])]
+            splits[split]["numeric_rows"] = int(sum(numeric))
+    return {
+        "task": task.name,
+        "type": config.type,
+        "kind": task.kind,
+        "splits": splits,
+        "dropped": {"rows": sum(dropped.values()), "reasons": dropped},
+        "leakage": leakage,
+        "sources": _source_hashes(config),
+        "config": {"task": config.model_dump(mode="json"),
+                   "prepare": settings.model_dump(mode="json")},
+        "packages": package_versions(("fin-tasks", "pandas", "pandera", "datasets")),
+    }
+
+
+def _source_hashes(config: TaskConfig) -> dict[str, str]:
+    """Content hashes of the raw inputs (a hub source is identified by its revision)."""
+    if config.data.startswith(HUB_PREFIX):
+        return {config.data: f"revision {config.revision or 'latest (unpinned)'}"}
+    hashes: dict[str, str] = {}
+    for split in SPLITS:
+        file = getattr(config.splits, split)
+        if file is not None:
+            hashes |= sha256_tree(Path(config.data) / file)
+    return hashes
