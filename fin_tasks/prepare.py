@@ -119,13 +119,29 @@ def carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool,
                         "cannot carve a split from unlabeled rows", "a labeled train split")
     rng = np.random.default_rng(seed)
     groups = frame.groupby("answer").indices if stratify else {"": np.arange(len(frame))}
+    target = max(1, round(len(frame) * fraction))
+    if target >= len(frame):
+        raise DataError(frame["_source"].iloc[0], None, None,
+                        f"{len(frame)} rows are too few to carve a {fraction:.0%} split",
+                        "at least two rows, or the split given explicitly")
+    quotas = _allocate(target, {key: len(rows) for key, rows in groups.items()})
     taken: list[int] = []
-    for _, positions in sorted(groups.items()):
-        count = int(round(len(positions) * fraction))
-        taken.extend(rng.permutation(positions)[:count].tolist())
+    for key, positions in sorted(groups.items()):
+        taken.extend(rng.permutation(positions)[:quotas[key]].tolist())
     mask = np.zeros(len(frame), dtype=bool)
     mask[taken] = True
     return frame[~mask], frame[mask]
+
+
+def _allocate(total: int, sizes: dict[str, int]) -> dict[str, int]:
+    """Share `total` among groups in proportion to their sizes (largest remainder)."""
+    count = sum(sizes.values())
+    exact = {key: total * size / count for key, size in sizes.items()}
+    quotas = {key: int(value) for key, value in exact.items()}
+    by_remainder = sorted(sizes, key=lambda key: (quotas[key] - exact[key], key))
+    for key in by_remainder[: total - sum(quotas.values())]:
+        quotas[key] += 1
+    return quotas
 
 
 def check_leakage(frames: dict[str, pd.DataFrame], policy: str,
