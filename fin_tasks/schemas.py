@@ -77,11 +77,12 @@ def _located(errors: SchemaErrors | SchemaError, frame: pd.DataFrame, task: Task
                  "answer": task.label_field}.get(case["column"], case["column"])
     check = str(case["check"])
     if "unique" in check:
-        first = frame.index[frame["id"] == row["id"]][0]
-        return DataError(row["_source"], int(row["_line"]), raw_field,
-                         f"duplicate id '{row['id']}' (first seen at {frame.loc[first, '_unit']} "
-                         f"{frame.loc[first, '_line']} of {frame.loc[first, '_source']})",
-                         "ids unique within a split", unit=row["_unit"])
+        again = frame[frame["id"].duplicated()].iloc[0]
+        first = frame[frame["id"] == again["id"]].iloc[0]
+        return DataError(again["_source"], int(again["_line"]), raw_field,
+                         f"duplicate id '{again['id']}' (first seen at {first['_unit']} "
+                         f"{first['_line']} of {first['_source']})",
+                         "ids unique within a split", unit=again["_unit"])
     if "isin" in check or check == "unknown label":
         return DataError(row["_source"], int(row["_line"]), raw_field,
                          f"unknown label '{row['answer']}'",

@@ -1,0 +1,153 @@
+"""Every bad-input case fails with one error naming the file, the line and the field,
+and a failed prepare writes nothing (a previous complete output survives)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fin_tasks.cli import main
+from fin_tasks.config import PrepareConfig, TaskConfig
+from fin_tasks.errors import DataError
+from fin_tasks.prepare import prepare_task
+
+from conftest import finarg_record, write_jsonl
+
+FINARG = {"type": "finarg_ecc", "splits": {"train": "train.jsonl", "test": "test.jsonl"}}
+
+
+def _prepare(raw: Path, out: Path, **settings) -> dict:
+    config = TaskConfig.model_validate({**FINARG, "data": str(raw)})
+    return prepare_task("t1", config, PrepareConfig(**settings), out)
+
+
+def _error(raw: Path, tmp_path: Path) -> str:
+    with pytest.raises(DataError) as caught:
+        _prepare(raw, tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "a failed prepare left an output behind"
+    return str(caught.value)
+
+
+def _rewrite_line(path: Path, line: int, text: str) -> None:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    lines[line - 1] = text
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_broken_json_line(finarg_dir: Path, tmp_path: Path) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 4, '{"id": "r3", "text": "cut off')
+    message = _error(finarg_dir, tmp_path)
+    assert message.startswith(f"{finarg_dir / 'train.jsonl'}, line 4: broken JSON")
+    assert "expected one JSON object per line" in message
+
+
+def test_missing_field_in_a_jsonl_row(finarg_dir: Path, tmp_path: Path) -> None:
+    record = finarg_record(6)
+    del record["text"]
+    _rewrite_line(finarg_dir / "train.jsonl", 7, json.dumps(record))
+    assert _error(finarg_dir, tmp_path).startswith(
+        f"{finarg_dir / 'train.jsonl'}, line 7, field 'text': missing field")
+
+
+def test_missing_column_in_a_csv_header(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "sentences.csv").write_text("ID,sentence\n1,Profit rose.\n", encoding="utf-8")
+    config = TaskConfig.model_validate({
+        "type": "classification", "data": str(raw), "splits": {"train": "sentences.csv"},
+        "columns": {"id": "ID", "text": "text", "label": "label"}, "labels": ["neg", "pos"],
+        "instruction": "Classify."})
+    with pytest.raises(DataError) as caught:
+        prepare_task("s", config, PrepareConfig(), tmp_path / "out")
+    assert str(caught.value).startswith(
+        f"{raw / 'sentences.csv'}, line 1, field 'text': missing column")
+
+
+def test_unknown_label(finarg_dir: Path, tmp_path: Path) -> None:
+    record = finarg_record(2) | {"answer": "opinion"}
+    del record["gold"]
+    _rewrite_line(finarg_dir / "train.jsonl", 3, json.dumps(record))
+    message = _error(finarg_dir, tmp_path)
+    assert message.startswith(f"{finarg_dir / 'train.jsonl'}, line 3, field 'answer': "
+                              "unknown label 'opinion'")
+    assert "expected one of premise, claim" in message
+
+
+def test_gold_that_disagrees_with_the_label(finarg_dir: Path, tmp_path: Path) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 2, json.dumps(finarg_record(1, "claim") | {"gold": 0}))
+    assert _error(finarg_dir, tmp_path).startswith(
+        f"{finarg_dir / 'train.jsonl'}, line 2, field 'gold': gold 0 disagrees with label 'claim'")
+
+
+def test_empty_text(finarg_dir: Path, tmp_path: Path) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 9, json.dumps(finarg_record(8, "premise", "   ")))
+    message = _error(finarg_dir, tmp_path)
+    assert message.startswith(f"{finarg_dir / 'train.jsonl'}, line 9, field 'text': empty text")
+
+
+def test_duplicate_id(finarg_dir: Path, tmp_path: Path) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 6, json.dumps(finarg_record(5) | {"id": "r1"}))
+    message = _error(finarg_dir, tmp_path)
+    assert message.startswith(f"{finarg_dir / 'train.jsonl'}, line 6, field 'id': "
+                              "duplicate id 'r1' (first seen at line 2")
+
+
+def test_empty_file(finarg_dir: Path, tmp_path: Path) -> None:
+    (finarg_dir / "test.jsonl").write_text("", encoding="utf-8")
+    assert _error(finarg_dir, tmp_path) == (
+        f"{finarg_dir / 'test.jsonl'}, line 1: file is empty; expected at least one record")
+
+
+def test_wrong_encoding(finarg_dir: Path, tmp_path: Path) -> None:
+    lines = (finarg_dir / "train.jsonl").read_bytes().splitlines(keepends=True)
+    lines[4] = json.dumps(finarg_record(4, "premise", "Umsatz stieg um 5 %, sagte der Vorstand"
+                                        " f\u00fcr das Quartal"), ensure_ascii=False).encode("latin-1") + b"\n"
+    (finarg_dir / "train.jsonl").write_bytes(b"".join(lines))
+    message = _error(finarg_dir, tmp_path)
+    assert message.startswith(f"{finarg_dir / 'train.jsonl'}, line 5: not valid UTF-8 (byte 0xfc")
+    assert "re-save it as UTF-8" in message
+
+
+def test_csv_row_with_a_missing_field(tmp_path: Path) -> None:
+    folder = tmp_path / "fineval" / "val"
+    folder.mkdir(parents=True)
+    (folder / "tax_val.csv").write_text(
+        "id,question,A,B,C,D,answer\n0,q1,a,b,c,d,A\n1,q2,a,b,c,B\n", encoding="utf-8")
+    config = TaskConfig.model_validate({"type": "fineval", "data": str(tmp_path / "fineval"),
+                                        "splits": {"train": "val", "test": "val"}})
+    with pytest.raises(DataError, match=r"tax_val\.csv, line 3: 6 fields in this row; "
+                                        r"expected 7 comma-separated fields"):
+        prepare_task("f", config, PrepareConfig(), tmp_path / "out")
+
+
+def test_leakage_is_an_error_when_params_say_so(finarg_dir: Path, tmp_path: Path) -> None:
+    shared = finarg_record(3)["text"]
+    test = {k: v for k, v in finarg_record(200, text=shared).items() if k not in ("answer", "gold")}
+    write_jsonl(finarg_dir / "test.jsonl", [test])
+    with pytest.raises(DataError) as caught:
+        _prepare(finarg_dir, tmp_path / "out", on_leakage="error")
+    assert str(caught.value).startswith(
+        f"{finarg_dir / 'train.jsonl'}, line 4, field 'text': 1 train text(s) also appear in test")
+
+
+def test_failed_prepare_keeps_the_previous_output(finarg_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    _prepare(finarg_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _rewrite_line(finarg_dir / "train.jsonl", 1, "not json")
+    with pytest.raises(DataError):
+        _prepare(finarg_dir, out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_reports_the_error_and_exits_2(finarg_dir: Path, tmp_path: Path, capsys) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 2, "{")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"tasks": {"t1": {**FINARG, "data": str(finarg_dir)}}}))
+    code = main(["prepare", "--params", str(params), "--out-dir", str(tmp_path / "outputs")])
+    assert code == 2
+    assert f"{finarg_dir / 'train.jsonl'}, line 2: broken JSON" in capsys.readouterr().err
+    assert not (tmp_path / "outputs" / "prepare" / "t1").exists()

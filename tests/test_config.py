@@ -1,0 +1,118 @@
+"""Params: every shipped file loads, unknown keys are named, dvc.yaml's keys exist."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fin_tasks.config import Params, load_params, parse_params
+from fin_tasks.errors import ConfigError
+from fin_tasks.tasks import task_from_config
+
+from conftest import ROOT
+
+SHIPPED = sorted([ROOT / "params.yaml", *(ROOT / "configs").glob("*.yaml")])
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_params_file_loads(path: Path) -> None:
+    params = load_params(path)
+    assert params.tasks
+    for name, config in params.tasks.items():
+        assert task_from_config(name, config).name == name
+
+
+def test_unknown_key_is_named_with_the_allowed_keys() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prepare"]["valid_fractoin"] = 0.2
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert "unknown key 'prepare.valid_fractoin'" in str(error.value)
+    assert "valid_fraction" in str(error.value) and "seed" in str(error.value)
+
+
+def test_unknown_key_inside_a_task_is_named() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tasks"]["sentiment"]["columns"]["labl"] = "x"
+    with pytest.raises(ConfigError, match=r"tasks\.sentiment\.columns\.labl.*id, label, text"):
+        parse_params(raw)
+
+
+def test_unknown_top_level_section_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        parse_params({"tasks": {}, "trian": {}})
+
+
+def test_generic_task_needs_labels_and_instruction() -> None:
+    task = {"type": "classification", "data": "x", "splits": {"train": "a.csv"},
+            "columns": {"id": "i", "text": "t", "label": "l"}, "instruction": "Classify."}
+    with pytest.raises(ConfigError, match="needs 'labels'"):
+        parse_params({"tasks": {"t": task}})
+
+
+def test_config_is_frozen() -> None:
+    params = load_params(ROOT / "params.yaml")
+    with pytest.raises(Exception):
+        params.prepare.seed = 1  # type: ignore[misc]
+
+
+def _dvc_stages() -> dict:
+    return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _lookup(tree: dict, dotted: str) -> object:
+    node: object = tree
+    for part in dotted.split("."):
+        assert isinstance(node, dict) and part in node, f"params key '{dotted}' missing"
+        node = node[part]
+    return node
+
+
+def test_every_param_key_dvc_yaml_names_exists() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    checked = 0
+    for stage in _dvc_stages().values():
+        body = stage.get("do", stage)
+        keys = stage["foreach"].strip("${}") if "foreach" in stage else None
+        items = _lookup(raw, keys) if keys else {"": None}
+        for name in items:
+            for key in body.get("params", []):
+                _lookup(raw, key.replace("${key}", name))
+                checked += 1
+    assert checked > 0
+
+
+def test_every_code_file_dvc_yaml_names_exists() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params = Params.model_validate(raw)
+    for stage in _dvc_stages().values():
+        for dep in stage.get("do", stage).get("deps", []):
+            if dep == "${item.data}":
+                assert all((ROOT / t.data).exists() for t in params.tasks.values())
+            else:
+                assert (ROOT / dep).exists(), dep
+
+
+def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
+    """fin_tasks modules that `path` imports, directly or through each other."""
+    seen = set() if seen is None else seen
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        for name in names:
+            target = ROOT / (name.replace(".", "/") + ".py")
+            if name.startswith("fin_tasks.") and target.exists() and target not in seen:
+                seen.add(target)
+                _imported_modules(target, seen)
+    return seen
+
+
+def test_prepare_stage_names_every_library_module_it_imports() -> None:
+    deps = set(_dvc_stages()["prepare"]["do"]["deps"])
+    entry = ROOT / "fin_tasks" / "cli.py"
+    needed = {str(p.relative_to(ROOT)) for p in _imported_modules(entry)} | {"fin_tasks/cli.py"}
+    needed |= {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / "fin_tasks/prepare.py")}
+    assert needed <= deps, f"dvc.yaml prepare deps lack {sorted(needed - deps)}"
