@@ -12,18 +12,9 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).parent
-FINARG_INSTRUCTION = (
-    "Analyze sentences from earnings conference calls and identify their argumentative "
-    "function. Each sentence is either a premise, offering evidence or reasoning, or a claim, "
-    "asserting a conclusion or viewpoint. Return only premise or claim."
-)
-EDTSUM_INSTRUCTION = (
-    "You are given a text that consists of multiple sentences. Your task is to perform "
-    "abstractive summarization on this text. Use your understanding of the content to express "
-    "the main ideas and crucial details in a shorter, coherent, and natural sounding text."
-)
+from fin_tasks.tasks import EDTSUM_INSTRUCTION, FINARG_INSTRUCTION
 
+HERE = Path(__file__).parent
 PREMISES = [
     "Revenue in the quarter rose 12% to $4.1 billion, driven by higher volumes in our cloud segment.",
     "We shipped 1.8 million units, up from 1.5 million in the same quarter last year.",
