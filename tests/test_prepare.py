@@ -187,3 +187,16 @@ def test_real_fineval_val_counts(tmp_path: Path) -> None:
     assert manifest["splits"]["test"]["rows"] == 3340
     assert manifest["splits"]["train"]["rows"] + manifest["splits"]["valid"]["rows"] == 170
     assert len({r["subject"] for r in _read(tmp_path / "out" / "test.jsonl")}) == 34
+
+
+@needs_shared
+def test_real_financial_phrasebank_reads_unchanged_through_the_generic_task(tmp_path: Path) -> None:
+    params = load_params(ROOT / "configs" / "shared-data.yaml")
+    config = params.tasks["fpb"].model_copy(update={"data": str(SHARED_DATA / "fpb")})
+    manifest = prepare_task("fpb", config, params.prepare, tmp_path / "out")
+    totals: dict[str, int] = {}
+    for split in manifest["splits"].values():
+        for label, count in split["labels"].items():
+            totals[label] = totals.get(label, 0) + count
+    kept = sum(totals.values()) + manifest["dropped"]["rows"]
+    assert kept == 2264 and totals == {"negative": 303, "neutral": 1391, "positive": 570}
