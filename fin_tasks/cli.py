@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from fin_tasks.config import load_params
-from fin_tasks.errors import ConfigError, DataError
+from fin_tasks.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger("fin_tasks")
 
@@ -29,6 +29,40 @@ def _prepare(args: argparse.Namespace) -> None:
         print(f"prepare {name}: {counts} -> {out}")
 
 
+def _base(args: argparse.Namespace) -> None:
+    from fin_tasks.base import build_base
+
+    params = load_params(args.params)
+    for name in _selected(args.model, params.models, args.params, "model"):
+        out = Path(args.out_dir) / "base" / name
+        build_base(name, params, Path(args.out_dir) / "prepare", out)
+        print(f"base {name} -> {out}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from fin_tasks.train import train
+
+    params = load_params(args.params)
+    root = Path(args.out_dir)
+    for name in _selected(args.run, params.train.runs, args.params, "run"):
+        spec = params.train.runs[name]
+        out = root / "train" / name
+        metrics = train(name, params, root / "prepare" / spec.task, root / "base" / spec.model,
+                        out, checkpoint_root=args.checkpoints,
+                        plots_dir=root / "plots" / "train" / name)
+        print(f"train {name}: {metrics['steps']} steps, {metrics['tokens_per_s']:.0f} tokens/s, "
+              f"best valid {metrics['best_valid']} -> {out}")
+
+
+def _selected(names: list[str] | None, defined: dict, params: str, what: str) -> list[str]:
+    """The entries named on the command line (all when none), each checked to exist."""
+    unknown = [name for name in names or [] if name not in defined]
+    if unknown:
+        raise ConfigError(f"{params}: unknown {what}(s) {', '.join(unknown)}; "
+                          f"defined: {', '.join(defined)}")
+    return names or list(defined)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser with one sub-command per stage."""
     parser = argparse.ArgumentParser(prog="fin-tasks", description=__doc__)
@@ -38,7 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
     prepare.add_argument("--task", action="append", help="task name (repeatable; default all)")
     prepare.add_argument("--out-dir", default="outputs", help="root of stage outputs")
-    prepare.set_defaults(run=_prepare)
+    prepare.set_defaults(handler=_prepare)
+    base = verbs.add_parser("base", help="build a tiny base model or record a hub/local one")
+    base.add_argument("--model", action="append", help="model name (repeatable; default all)")
+    train = verbs.add_parser("train", help="fine-tune one model on one task (LoRA / QLoRA)")
+    train.add_argument("--run", action="append", help="run name (repeatable; default all)")
+    train.add_argument("--checkpoints", default=".checkpoints",
+                       help="root of resumable checkpoints (kept until a run completes)")
+    for sub, handler in ((base, _base), (train, _train)):
+        sub.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+        sub.add_argument("--out-dir", default="outputs", help="root of stage outputs")
+        sub.set_defaults(handler=handler)
     return parser
 
 
@@ -48,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args.run(args)
-    except (DataError, ConfigError) as error:
+        args.handler(args)
+    except (DataError, ConfigError, ModelError) as error:
         print(f"fin-tasks {args.verb}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -95,6 +95,179 @@ class PrepareConfig(Strict):
     """Exact-duplicate text shared by train and valid/test: fail, report, or drop it from train."""
 
 
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class QuantConfig(Strict):
+    """Loading a base model quantized with bitsandbytes (QLoRA when bits is 4)."""
+
+    bits: Literal[4, 8] = 4
+    """4 (QLoRA) or 8 (LLM.int8)."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (about 0.4 bit per parameter saved)."""
+    compute_dtype: DType = "bfloat16"
+    """dtype of the matrix multiplications on dequantized weights."""
+    skip_modules: tuple[str, ...] = ()
+    """Modules kept out of quantization (e.g. lm_head, score), by name."""
+
+
+class LoraSettings(Strict):
+    """Which layers get LoRA adapters, and how."""
+
+    r: int = Field(8, gt=0)
+    """Rank of the update matrices."""
+    alpha: float = 16
+    """Scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    dropout: float = Field(0.05, ge=0, lt=1)
+    """Dropout on the adapter's input."""
+    target_modules: str | tuple[str, ...] = "all-linear"
+    """Module names to adapt, or "all-linear" (every linear layer but the output head)."""
+    layers_to_transform: tuple[int, ...] | None = None
+    """Only these layer indices get adapters (None: all layers)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """Rank-stabilized scaling alpha / sqrt(r)."""
+
+
+class TinyConfig(Strict):
+    """A small Llama-style causal LM built from a config, with a tokenizer trained locally."""
+
+    hidden_size: int = 64
+    """Width; a multiple of 64 (bitsandbytes' CPU 4-bit kernel needs it)."""
+    intermediate_size: int = 128
+    """MLP width; a multiple of 64."""
+    num_layers: int = 2
+    """Decoder layers."""
+    num_heads: int = 2
+    """Attention heads (hidden_size / num_heads per head)."""
+    vocab_size: int = 512
+    """Tokenizer vocabulary; a multiple of 64."""
+    max_position: int = 1024
+    """Longest sequence, in tokens."""
+    tokenizer_tasks: tuple[str, ...] = ()
+    """Prepared tasks whose train split trains the tokenizer (default: every task)."""
+    seed: int = 0
+    """Seed of the random initial weights."""
+
+    @model_validator(mode="after")
+    def _multiples_of_64(self) -> TinyConfig:
+        for name in ("hidden_size", "intermediate_size", "vocab_size"):
+            if getattr(self, name) % 64:
+                raise ValueError(f"tiny.{name} must be a multiple of 64 (bitsandbytes CPU kernel)")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("tiny.hidden_size must be divisible by tiny.num_heads")
+        return self
+
+
+class ModelConfig(Strict):
+    """One base model: where it comes from, what it is, how it is loaded and adapted."""
+
+    kind: Literal["causal", "encoder"]
+    """causal: instruction generation; encoder: a sequence-classification head."""
+    source: str
+    """Hub id, local folder, `package:<module>` (a pip package shipping weights) or `tiny`."""
+    revision: str | None = None
+    """Hub revision (commit, branch or tag); pin it for reproducible runs."""
+    tiny: TinyConfig | None = None
+    """Architecture of a `tiny` model."""
+    dtype: DType = "float32"
+    """dtype of the weights that are not quantized."""
+    quantization: QuantConfig | None = None
+    """bitsandbytes quantization of the base (None: full precision)."""
+    lora: LoraSettings | None = LoraSettings()
+    """LoRA adapters; None fine-tunes every weight (not with a quantized base)."""
+    gpu: bool = False
+    """Wants a GPU worker (Prefect `gpu` pool); trains on CUDA when one is present."""
+    chat_template: bool = True
+    """Render prompts with the tokenizer's chat template when it has one."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if (self.source == "tiny") != (self.tiny is not None):
+            raise ValueError("a `tiny` source needs a `tiny` block, and only it takes one")
+        if self.tiny is not None and self.kind != "causal":
+            raise ValueError("`tiny` builds a causal LM: set kind: causal")
+        if self.lora is None and self.quantization is not None:
+            raise ValueError("full fine-tuning (lora: null) of a quantized base is not possible")
+        return self
+
+
+class Hyper(Strict):
+    """Training hyper-parameters; `train.defaults`, overridden per run."""
+
+    epochs: float = Field(1, gt=0)
+    """Passes over the train split (fractions allowed)."""
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+    micro_batch_size: int = Field(8, gt=0)
+    """Examples per forward pass."""
+    grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (effective batch = micro_batch_size * grad_accum)."""
+    lr: float = Field(2e-4, gt=0)
+    """Peak learning rate."""
+    head_lr: float | None = None
+    """Learning rate of a classification head (default: lr)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warm-up."""
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    """Share of steps spent warming up linearly from 0."""
+    max_length: int = Field(512, gt=8)
+    """Longest tokenized example; longer prompts lose their middle."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (less padding)."""
+    seed: int = 13
+    """Seed of initialisation, data order and dropout."""
+    log_every: int = Field(10, gt=0)
+    """Optimizer steps between loss log lines."""
+    eval_every: int | None = None
+    """Optimizer steps between validation passes (None: once per epoch)."""
+    checkpoint_every: int = Field(50, gt=0)
+    """Optimizer steps between checkpoints (a rerun resumes from the last one)."""
+    early_stopping_patience: int | None = None
+    """Stop after this many validation passes without improvement (None: never)."""
+    select_best: bool = True
+    """Keep the adapter of the best validation pass rather than the last."""
+
+
+class Run(Strict):
+    """One training run: a model on a task, with hyper-parameter overrides."""
+
+    model: str
+    """Name of an entry in `models`."""
+    task: str
+    """Name of an entry in `tasks`."""
+    hyper: dict[str, Any] = {}
+    """Overrides of `train.defaults` for this run."""
+
+
+class TrainConfig(Strict):
+    """The `train` stage."""
+
+    defaults: Hyper = Hyper()
+    """Hyper-parameters shared by every run."""
+    runs: dict[str, Run] = {}
+    """What to train, by run name (one DVC stage each)."""
+
+    def hyper(self, run: str) -> Hyper:
+        """The resolved hyper-parameters of one run."""
+        return Hyper.model_validate(self.defaults.model_dump() | self.runs[run].hyper)
+
+    @model_validator(mode="after")
+    def _overrides_are_known(self) -> TrainConfig:
+        for name, run in self.runs.items():
+            unknown = sorted(set(run.hyper) - set(Hyper.model_fields))
+            if unknown:
+                raise ValueError(f"unknown key 'train.runs.{name}.hyper.{unknown[0]}'; "
+                                 f"allowed keys here: {', '.join(sorted(Hyper.model_fields))}")
+            self.hyper(name)
+        return self
+
+
 class Params(Strict):
     """The whole params.yaml."""
 
@@ -102,6 +275,25 @@ class Params(Strict):
     """Every task the pipeline knows, by name."""
     prepare: PrepareConfig = PrepareConfig()
     """Settings of the `prepare` stage."""
+    models: dict[str, ModelConfig] = {}
+    """Base models, by name."""
+    train: TrainConfig = TrainConfig()
+    """Settings of the `train` stage."""
+
+    @model_validator(mode="after")
+    def _runs_name_known_entries(self) -> Params:
+        for name, run in self.train.runs.items():
+            if run.model not in self.models:
+                raise ValueError(f"train.runs.{name}.model '{run.model}' is not in models "
+                                 f"({', '.join(self.models)})")
+            if run.task not in self.tasks:
+                raise ValueError(f"train.runs.{name}.task '{run.task}' is not in tasks "
+                                 f"({', '.join(self.tasks)})")
+        for name, model in self.models.items():
+            for task in model.tiny.tokenizer_tasks if model.tiny else ():
+                if task not in self.tasks:
+                    raise ValueError(f"models.{name}.tiny.tokenizer_tasks: unknown task '{task}'")
+        return self
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

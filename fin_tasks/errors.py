@@ -32,3 +32,7 @@ class DataError(ValueError):
 
 class ConfigError(ValueError):
     """A params file that does not match the typed configuration."""
+
+
+class ModelError(RuntimeError):
+    """A model that cannot be loaded as configured, with what to do about it."""

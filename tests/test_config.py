@@ -71,29 +71,41 @@ def _lookup(tree: dict, dotted: str) -> object:
     return node
 
 
+def _expanded_stages(raw: dict) -> list[tuple[str, dict]]:
+    """dvc.yaml stages with foreach expanded over params.yaml, as DVC would expand them."""
+    stages = []
+    for name, stage in _dvc_stages().items():
+        if "foreach" not in stage:
+            stages.append((name, stage))
+            continue
+        items = _lookup(raw, stage["foreach"].strip("${}"))
+        for key, item in items.items():
+            text = yaml.safe_dump(stage["do"]).replace("${key}", key)
+            for field, value in (item or {}).items():
+                text = text.replace("${item.%s}" % field, str(value))
+            stages.append((f"{name}@{key}", yaml.safe_load(text)))
+    return stages
+
+
 def test_every_param_key_dvc_yaml_names_exists() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     checked = 0
-    for stage in _dvc_stages().values():
-        body = stage.get("do", stage)
-        keys = stage["foreach"].strip("${}") if "foreach" in stage else None
-        items = _lookup(raw, keys) if keys else {"": None}
-        for name in items:
-            for key in body.get("params", []):
-                _lookup(raw, key.replace("${key}", name))
-                checked += 1
+    for name, stage in _expanded_stages(raw):
+        for key in stage.get("params", []):
+            _lookup(raw, key)
+            checked += 1
+        assert "${" not in yaml.safe_dump(stage), f"{name}: unresolved template"
     assert checked > 0
 
 
-def test_every_code_file_dvc_yaml_names_exists() -> None:
+def test_every_path_dvc_yaml_names_exists_or_is_an_output() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params = Params.model_validate(raw)
-    for stage in _dvc_stages().values():
-        for dep in stage.get("do", stage).get("deps", []):
-            if dep == "${item.data}":
-                assert all((ROOT / t.data).exists() for t in params.tasks.values())
-            else:
-                assert (ROOT / dep).exists(), dep
+    stages = _expanded_stages(raw)
+    outs = {next(iter(o)) if isinstance(o, dict) else o for _, s in stages for o in s["outs"]}
+    for name, stage in stages:
+        for dep in stage.get("deps", []):
+            produced = any(dep == out or out.startswith(dep + "/") for out in outs)
+            assert produced or (ROOT / dep).exists(), f"{name}: dependency {dep} missing"
 
 
 def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
@@ -110,9 +122,9 @@ def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
     return seen
 
 
-def test_prepare_stage_names_every_library_module_it_imports() -> None:
-    deps = set(_dvc_stages()["prepare"]["do"]["deps"])
-    entry = ROOT / "fin_tasks" / "cli.py"
-    needed = {str(p.relative_to(ROOT)) for p in _imported_modules(entry)} | {"fin_tasks/cli.py"}
-    needed |= {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / "fin_tasks/prepare.py")}
-    assert needed <= deps, f"dvc.yaml prepare deps lack {sorted(needed - deps)}"
+@pytest.mark.parametrize("stage", ["prepare", "base", "train"])
+def test_each_stage_names_every_library_module_it_imports(stage: str) -> None:
+    deps = set(_dvc_stages()[stage]["do"]["deps"])
+    needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{stage}.py")}
+    needed |= {f"fin_tasks/{stage}.py", "fin_tasks/cli.py"}
+    assert needed <= deps, f"dvc.yaml {stage} deps lack {sorted(needed - deps)}"

@@ -1,0 +1,50 @@
+"""The `base` stage: one folder per base model that `train` loads through one code path.
+
+A `tiny` entry is built here (weights and tokenizer); any other entry becomes a small
+`source.json` naming the hub id, local folder or package, plus its revision, so that DVC
+sees a change of base and retrains exactly the runs that use it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fin_tasks.artifacts import atomic_dir, package_versions, write_json
+from fin_tasks.config import Params
+from fin_tasks.models import SOURCE_FILE, resolve_source
+from fin_tasks.tiny import build_tiny
+
+log = logging.getLogger(__name__)
+
+
+def build_base(name: str, params: Params, prepared_root: str | Path,
+               out_dir: str | Path) -> dict[str, Any]:
+    """Write the base folder of model `name` into `out_dir` (atomically)."""
+    config = params.models[name]
+    with atomic_dir(out_dir) as scratch:
+        if config.tiny is not None:
+            tasks = config.tiny.tokenizer_tasks or tuple(params.tasks)
+            build_tiny(config.tiny, _train_texts(Path(prepared_root), tasks), scratch)
+            info = {"model": name, "built": "tiny", "tokenizer_tasks": list(tasks)}
+        else:
+            resolve_source(config.source, config.revision)  # fail early on a bad package
+            info = {"model": name, "source": config.source, "revision": config.revision}
+            write_json(scratch / SOURCE_FILE, info)
+        info |= {"config": config.model_dump(mode="json"),
+                 "packages": package_versions(("fin-tasks", "torch", "transformers", "tokenizers"))}
+        write_json(scratch / "base.json", info)
+    log.info("base %s ready in %s", name, out_dir)
+    return info
+
+
+def _train_texts(prepared_root: Path, tasks: tuple[str, ...]) -> Iterator[str]:
+    """Prompt and answer texts of the prepared train splits (the tokenizer's corpus)."""
+    for task in tasks:
+        with (prepared_root / task / "train.jsonl").open(encoding="utf-8") as handle:
+            for line in handle:
+                record = json.loads(line)
+                yield record["query"] + " " + (record.get("answer") or "")

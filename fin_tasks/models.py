@@ -1,0 +1,182 @@
+"""Everything that touches the hardware: dtype, device, bitsandbytes, model and LoRA loading.
+
+The rest of the library receives a loaded model. QLoRA is a loading option (a quantized
+base plus LoRA adapters), not a different trainer. `bitsandbytes` and `peft` are imported
+here, lazily, only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
+from fin_tasks.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SOURCE_FILE = "source.json"
+
+
+@dataclass(frozen=True)
+class BaseRef:
+    """Where a base model's weights are: a folder, a hub id, and a revision."""
+
+    name_or_path: str
+    revision: str | None = None
+
+
+def device_for(config: ModelConfig) -> torch.device:
+    """CUDA when the entry asks for a GPU and one is present, else the CPU."""
+    return torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
+
+
+def resolve_source(source: str, revision: str | None = None) -> BaseRef:
+    """Turn a params `source` (hub id, folder, `package:<module>`) into a loadable reference."""
+    if source.startswith("package:"):
+        module_name = source.removeprefix("package:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ModelError(f"model source '{source}': cannot import {module_name} "
+                             f"({error}); install the package that ships these weights") from None
+        return BaseRef(str(module.get_model_path()))
+    return BaseRef(source, revision)
+
+
+def read_base_ref(base_dir: str | Path) -> BaseRef:
+    """The base a `base` stage output stands for: the folder itself, or the source it names."""
+    base_dir = Path(base_dir)
+    pointer = base_dir / SOURCE_FILE
+    if pointer.exists():
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        return resolve_source(data["source"], data.get("revision"))
+    return BaseRef(str(base_dir))
+
+
+def bitsandbytes_config(quant: QuantConfig | None) -> Any:
+    """A transformers BitsAndBytesConfig, after checking bitsandbytes can run here."""
+    if quant is None:
+        return None
+    what = f"{quant.bits}-bit quantization" + (f" ({quant.quant_type})" if quant.bits == 4 else "")
+    try:
+        import bitsandbytes  # noqa: F401  (lazy: only a quantized load needs it)
+    except ImportError as error:
+        raise ModelError(f"{what} needs bitsandbytes, which cannot be imported here ({error}); "
+                         "install it with `pip install 'fin-tasks[quant]'` or set "
+                         "`quantization: null` for this model") from None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True,
+                                  llm_int8_skip_modules=list(quant.skip_modules) or None)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        llm_int8_skip_modules=list(quant.skip_modules) or None)
+
+
+def load_tokenizer(ref: BaseRef) -> Any:
+    """The tokenizer of a base, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, revision=ref.revision)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -> Any:
+    """Load a base model as configured (quantized or not) onto its device."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    device = device_for(config)
+    quant = bitsandbytes_config(config.quantization)
+    kwargs: dict[str, Any] = {"revision": ref.revision, "dtype": DTYPES[config.dtype]}
+    if quant is not None:
+        kwargs |= {"quantization_config": quant, "device_map": {"": str(device)}}
+    try:
+        if config.kind == "encoder":
+            model = AutoModelForSequenceClassification.from_pretrained(
+                ref.name_or_path, num_labels=len(labels),
+                id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(ref.name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load model '{ref.name_or_path}' "
+                         f"(revision {ref.revision or 'default'}): {error}") from error
+    if quant is None:
+        model.to(device)
+    elif device.type == "cpu":
+        _keep_cpu_4bit_layout(model)
+    return model
+
+
+def _keep_cpu_4bit_layout(model: Any) -> None:
+    """Keep bitsandbytes' CPU 4-bit weights in their quantized layout in every mode.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weight on its first
+    no-grad eval forward and unpacks it again (best effort) whenever a state dict is taken;
+    each round trip perturbs the quantization constants and the packed kernel computes
+    differently from the training path. One layout keeps the frozen base exactly frozen and
+    a reloaded adapter bit-identical (tests/test_train.py checks both).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def lora_config(settings: LoraSettings, kind: str) -> Any:
+    """A peft LoraConfig from params."""
+    from peft import LoraConfig, TaskType
+
+    target = settings.target_modules
+    return LoraConfig(
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        target_modules=target if isinstance(target, str) else list(target),
+        layers_to_transform=list(settings.layers_to_transform)
+        if settings.layers_to_transform else None,
+        use_dora=settings.use_dora, use_rslora=settings.use_rslora,
+        task_type=TaskType.SEQ_CLS if kind == "encoder" else TaskType.CAUSAL_LM)
+
+
+def with_lora(model: Any, config: ModelConfig) -> Any:
+    """Wrap a base in fresh LoRA adapters (the base frozen); a no-op for full fine-tuning."""
+    if config.lora is None:
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if config.quantization is not None:
+        # fp32 norms/head and input grads so gradients flow through the frozen k-bit base.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, lora_config(config.lora, config.kind))
+
+
+def with_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """Attach a saved adapter to a freshly loaded base, for inference."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_dir))
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of the parameters that train (adapters and heads, or all for full tuning)."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated GPU memory on CUDA, resident set on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB

