@@ -230,6 +230,8 @@ class Hyper(Strict):
     """Optimizer steps between checkpoints (a rerun resumes from the last one)."""
     early_stopping_patience: int | None = None
     """Stop after this many validation passes without improvement (None: never)."""
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    """Smallest change of the validation metric that counts as an improvement."""
     select_best: bool = True
     """Keep the adapter of the best validation pass rather than the last."""
 

@@ -322,8 +322,9 @@ class _Loop:
     def run(self, progress: Progress, checkpoint_dir: Path,
             on_step: Callable[[int], None] | None) -> None:
         """Optimizer steps from `progress.step` to the end (or an early stop)."""
+        # A bar on a terminal; in logs (non-TTY) the periodic log line carries the ETA.
         bar = tqdm(total=self.total_steps, initial=progress.step, desc="train", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=None)
         accumulate = self.hyper.grad_accum
         while progress.step < self.total_steps and not progress.stopped_early:
             started = time.perf_counter()
@@ -360,8 +361,9 @@ class _Loop:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         if progress.step % self.hyper.log_every == 0 or progress.step == self.total_steps:
-            log.info("step %d/%d epoch %.2f loss %.4f lr %.2e", progress.step, self.total_steps,
-                     epoch, loss, lr)
+            eta = progress.elapsed / progress.step * (self.total_steps - progress.step)
+            log.info("step %d/%d epoch %.2f loss %.4f lr %.2e eta %s", progress.step,
+                     self.total_steps, epoch, loss, lr, _clock(eta))
 
     def _eval_due(self, step: int) -> bool:
         if not self.valid_set:
@@ -382,8 +384,10 @@ class _Loop:
                                                              for k, v in metrics.items()})
         log.info("step %d validation: %s", progress.step,
                  ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        delta = self.hyper.early_stopping_min_delta
         better = progress.best_value is None or (
-            value > progress.best_value if self.higher_is_better else value < progress.best_value)
+            value > progress.best_value + delta if self.higher_is_better
+            else value < progress.best_value - delta)
         if better:
             progress.best_value, progress.best_step, progress.stale_evals = value, progress.step, 0
             self.best_state = trainable_state(self.model)
@@ -435,6 +439,11 @@ class _Loop:
         progress = Progress(**state["progress"])
         log.info("resuming from step %d (%s)", progress.step, path)
         return progress
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}"
 
 
 def _terms(examples: Sequence[Example]) -> int:

@@ -245,3 +245,39 @@ def test_the_chat_template_is_used_when_the_tokenizer_has_one(workspace) -> None
                                "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
     assert render_prompt(record, tokenizer, True) == "[user] Q?[assistant]"
     assert render_prompt(record, tokenizer, False) == "Q?"
+
+
+def test_a_hub_model_goes_through_the_same_loading_call(monkeypatch, tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    raw = make_params().model_dump(mode="json")
+    raw["models"]["mistral"] = {"kind": "causal", "source": "mistralai/Mistral-7B-Instruct-v0.2",
+                                "revision": "abc123", "dtype": "bfloat16",
+                                "quantization": QUANT | {"compute_dtype": "bfloat16"}}
+    params = parse_params(raw)
+    build_base("mistral", params, tmp_path, tmp_path / "base")
+    ref = read_base_ref(tmp_path / "base")
+    assert (ref.name_or_path, ref.revision) == ("mistralai/Mistral-7B-Instruct-v0.2", "abc123")
+    calls = []
+
+    def fake_from_pretrained(name, **kwargs):
+        calls.append((name, kwargs))
+        return torch.nn.Linear(2, 2)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
+    load_base(params.models["mistral"], ref)
+    (name, kwargs), = calls
+    assert name == "mistralai/Mistral-7B-Instruct-v0.2" and kwargs["revision"] == "abc123"
+    assert kwargs["dtype"] == torch.bfloat16
+    quant = kwargs["quantization_config"]
+    assert quant.load_in_4bit and quant.bnb_4bit_quant_type == "nf4"
+    assert quant.bnb_4bit_use_double_quant and quant.bnb_4bit_compute_dtype == torch.bfloat16
+    assert "trust_remote_code" not in kwargs
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(workspace, tmp_path) -> None:
+    params = make_params(hyper={"lr": 1e-9, "max_steps": 10, "eval_every": 1,
+                                "early_stopping_patience": 2, "early_stopping_min_delta": 0.01})
+    metrics = train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
+                    tmp_path / "out", checkpoint_root=tmp_path / "ck")
+    assert metrics["stopped_early"] and metrics["steps"] == 3 and metrics["best_step"] == 1
