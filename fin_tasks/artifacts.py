@@ -62,6 +62,12 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file written by a stage (one JSON object per line)."""
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
 def sha256_file(path: str | Path) -> str:
     """Content hash of a file (hex sha256)."""
     digest = hashlib.sha256()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, package_versions, write_json
-from fin_tasks.config import Params
+from fin_tasks.config import BASELINE_KINDS, Params
 from fin_tasks.models import SOURCE_FILE, resolve_source
 from fin_tasks.tiny import build_tiny
 
@@ -26,7 +26,9 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
     """Write the base folder of model `name` into `out_dir` (atomically)."""
     config = params.models[name]
     with atomic_dir(out_dir) as scratch:
-        if config.tiny is not None:
+        if config.kind in BASELINE_KINDS:
+            info = {"model": name, "baseline": config.kind}
+        elif config.tiny is not None:
             tasks = config.tiny.tokenizer_tasks or tuple(params.tasks)
             build_tiny(config.tiny, _train_texts(Path(prepared_root), tasks), scratch)
             info = {"model": name, "built": "tiny", "tokenizer_tasks": list(tasks)}

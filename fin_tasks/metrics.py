@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,4 +68,52 @@ def rouge_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[
         result = scorer.score(reference, prediction)
         for key in scores:
             scores[key].append(result[key].fmeasure)
+    return scores
+
+
+def bootstrap_ci(values: Sequence[Any], statistic: Any, resamples: int, seed: int,
+                 ) -> tuple[float, float] | None:
+    """95% percentile interval of `statistic(sample)` over resamples of `values`."""
+    if resamples == 0 or len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    items = list(values)
+    stats = [statistic([items[i] for i in rng.integers(0, len(items), len(items))])
+             for _ in range(resamples)]
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def bertscore_f1(references: Sequence[str], candidates: Sequence[str], model_path: str,
+                 layer: int | None = None, batch_size: int = 32) -> list[float]:
+    """BERTScore F1 per pair: greedy cosine matching of contextual token embeddings, without
+    idf weighting or baseline rescaling, special tokens excluded (as bert-score computes it)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModel.from_pretrained(model_path).eval()
+
+    def embed(texts: Sequence[str]) -> list[Any]:
+        vectors = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(list(texts[start:start + batch_size]), padding=True,
+                              truncation=True, max_length=512, return_tensors="pt",
+                              return_special_tokens_mask=True)
+            special = batch.pop("special_tokens_mask")
+            with torch.no_grad():
+                hidden = model(**batch, output_hidden_states=True).hidden_states
+            states = torch.nn.functional.normalize(hidden[-1 if layer is None else layer], dim=-1)
+            keep = batch["attention_mask"].bool() & ~special.bool()
+            vectors.extend(states[row][keep[row]] for row in range(len(states)))
+        return vectors
+
+    scores = []
+    for ref, cand in zip(embed(references), embed(candidates)):
+        if len(ref) == 0 or len(cand) == 0:
+            scores.append(0.0)
+            continue
+        similarity = cand @ ref.T
+        precision, recall = similarity.max(1).values.mean(), similarity.max(0).values.mean()
+        scores.append(float(2 * precision * recall / (precision + recall)))
     return scores

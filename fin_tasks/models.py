@@ -107,7 +107,8 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
         if config.kind == "encoder":
             model = AutoModelForSequenceClassification.from_pretrained(
                 ref.name_or_path, num_labels=len(labels),
-                id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+                id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)},
                 **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(ref.name_or_path, **kwargs)

@@ -60,6 +60,8 @@ class Task:
     """Subject taken from the file name (FinEval: `accounting_val.csv` -> accounting)."""
     max_new_tokens: int = 20
     """Greedy generation budget the organizers use for this task."""
+    parser: str = "substring"
+    """How a generated answer becomes a label: `substring` (the organizers' rule) or `letter`."""
 
     @property
     def required_fields(self) -> tuple[str, ...]:
@@ -97,7 +99,8 @@ def fineval(name: str, instruction: str | None = None) -> Task:
     return Task(name=name, kind="multiple_choice", instruction=instruction or FINEVAL_INSTRUCTION,
                 template=CHOICE_TEMPLATE, id_field="id", text_field="question",
                 label_field="answer", labels=("A", "B", "C", "D"),
-                option_fields=("A", "B", "C", "D"), subject_from_file=True, max_new_tokens=5)
+                option_fields=("A", "B", "C", "D"), subject_from_file=True, max_new_tokens=5,
+                parser="letter")
 
 
 BUILTIN = {"finarg_ecc": finarg_ecc, "edtsum": edtsum, "fineval": fineval}

@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fin_tasks.artifacts import atomic_dir, package_versions, sha256_file, write_json
-from fin_tasks.config import Hyper, ModelConfig, Params
+from fin_tasks import baselines
+from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
+                                 write_json)
+from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.models import (device_for, load_base, load_tokenizer, peak_memory_bytes,
                               read_base_ref, trainable_state, with_lora)
 from fin_tasks.tasks import task_from_config
@@ -51,12 +53,6 @@ class Example:
 
 
 # ---------------------------------------------------------------- encoding
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a prepared split (one JSON object per line)."""
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def render_prompt(record: dict[str, Any], tokenizer: Any, use_chat_template: bool) -> str:
@@ -232,6 +228,10 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     config, task = params.models[spec.model], task_from_config(spec.task,
                                                                 params.tasks[spec.task])
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
+    if config.kind in BASELINE_KINDS:
+        metrics = _fit_baseline(run, params, task, prepared_dir, out_dir)
+        _write_plots(plots_dir, [], [])
+        return metrics
     fingerprint = _fingerprint(params, run, prepared_dir, base_dir)
     checkpoint_dir = Path(checkpoint_root) / f"{run}-{fingerprint[:12]}"
     _seed_everything(hyper.seed)
@@ -249,18 +249,48 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     loop.run(progress, checkpoint_dir, on_step)
     metrics = _save(run, params, model, tokenizer, loop, progress, out_dir, ref, fingerprint,
                     prepared_dir, checkpoint_dir)
-    if plots_dir is not None:
-        with atomic_dir(plots_dir) as scratch:
-            _write_csv(scratch / "train_loss.csv",
-                       [{"step": r["step"], "train_loss": r["train_loss"]} for r in loop.history])
-            _write_csv(scratch / "valid_loss.csv",
-                       [{"step": r["step"], "valid_loss": r["valid_loss"]}
-                        for r in loop.valid_history])
+    _write_plots(plots_dir, loop.history, loop.valid_history)
+    return metrics
+
+
+def _write_plots(plots_dir: str | Path | None, history: list[dict[str, Any]],
+                 valid_history: list[dict[str, Any]]) -> None:
+    """Loss curves for `dvc plots` (header-only files for a run without steps)."""
+    if plots_dir is None:
+        return
+    with atomic_dir(plots_dir) as scratch:
+        _write_csv(scratch / "train_loss.csv",
+                   [{"step": r["step"], "train_loss": r["train_loss"]} for r in history],
+                   ["step", "train_loss"])
+        _write_csv(scratch / "valid_loss.csv",
+                   [{"step": r["step"], "valid_loss": r["valid_loss"]} for r in valid_history],
+                   ["step", "valid_loss"])
+
+
+def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
+                  out_dir: str | Path) -> dict[str, Any]:
+    """A baseline 'trains' by reading the train split (majority) or not at all (lead)."""
+    spec = params.train.runs[run]
+    started = time.perf_counter()
+    fitted = baselines.fit(params.models[spec.model], task, _labeled(prepared_dir / "train.jsonl"))
+    metrics = {"run": run, "model": spec.model, "task": spec.task, "steps": 0,
+               "wall_s": round(time.perf_counter() - started, 3), "peak_memory_bytes": None,
+               "tokens_per_s": None, "best_valid": None, "baseline": fitted}
+    with atomic_dir(out_dir) as scratch:
+        write_json(scratch / "baseline.json", fitted)
+        write_json(scratch / "metrics.json", metrics)
+        write_json(scratch / "train_config.json", {
+            "run": spec.model_dump(mode="json"),
+            "model": params.models[spec.model].model_dump(mode="json"),
+            "task": params.tasks[spec.task].model_dump(mode="json"),
+            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
+            "packages": package_versions(("fin-tasks",))})
+    log.info("baseline %s: %s", run, {k: v for k, v in fitted.items() if k != "counts"})
     return metrics
 
 
 def _labeled(path: Path) -> list[dict[str, Any]]:
-    return [r for r in read_records(path) if r.get("answer") is not None]
+    return [r for r in read_jsonl(path) if r.get("answer") is not None]
 
 
 def _seed_everything(seed: int) -> None:
@@ -512,8 +542,8 @@ def _save(run: str, params: Params, model: Any, tokenizer: Any, loop: _Loop,
     return metrics
 
 
-def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(rows[0]) if rows else ["step"]
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
+    fields = fields or (list(rows[0]) if rows else ["step"])
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()

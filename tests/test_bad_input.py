@@ -76,7 +76,8 @@ def test_unknown_label(finarg_dir: Path, tmp_path: Path) -> None:
 
 
 def test_gold_that_disagrees_with_the_label(finarg_dir: Path, tmp_path: Path) -> None:
-    _rewrite_line(finarg_dir / "train.jsonl", 2, json.dumps(finarg_record(1, "claim") | {"gold": 0}))
+    record = finarg_record(1, "claim") | {"gold": 0}
+    _rewrite_line(finarg_dir / "train.jsonl", 2, json.dumps(record))
     assert _error(finarg_dir, tmp_path).startswith(
         f"{finarg_dir / 'train.jsonl'}, line 2, field 'gold': gold 0 disagrees with label 'claim'")
 
@@ -102,8 +103,9 @@ def test_empty_file(finarg_dir: Path, tmp_path: Path) -> None:
 
 def test_wrong_encoding(finarg_dir: Path, tmp_path: Path) -> None:
     lines = (finarg_dir / "train.jsonl").read_bytes().splitlines(keepends=True)
-    lines[4] = json.dumps(finarg_record(4, "premise", "Umsatz stieg um 5 %, sagte der Vorstand"
-                                        " f\u00fcr das Quartal"), ensure_ascii=False).encode("latin-1") + b"\n"
+    text = "Umsatz stieg um 5 %, sagte der Vorstand f\u00fcr das Quartal"
+    record = json.dumps(finarg_record(4, "premise", text), ensure_ascii=False)
+    lines[4] = record.encode("latin-1") + b"\n"
     (finarg_dir / "train.jsonl").write_bytes(b"".join(lines))
     message = _error(finarg_dir, tmp_path)
     assert message.startswith(f"{finarg_dir / 'train.jsonl'}, line 5: not valid UTF-8 (byte 0xfc")

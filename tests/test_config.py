@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fin_tasks.config import Params, load_params, parse_params
+from fin_tasks.config import load_params, parse_params
 from fin_tasks.errors import ConfigError
 from fin_tasks.tasks import task_from_config
 

@@ -95,7 +95,8 @@ def test_fineval_subject_ids_and_numeric_flag(tmp_path: Path) -> None:
     assert [r["gold"] for r in rows] == [1, 2]
     assert [r["numeric"] for r in rows] == [True, False]
     assert rows[1]["subject"] == "tax_law"
-    assert rows[1]["query"].endswith("下列属于直接税的是____。\nA. 增值税\nB. 消费税\nC. 个人所得税\nD. 关税\n答案：")
+    assert rows[1]["query"].endswith(
+        "下列属于直接税的是____。\nA. 增值税\nB. 消费税\nC. 个人所得税\nD. 关税\n答案：")
 
 
 def test_has_numeric() -> None:

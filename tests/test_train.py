@@ -16,7 +16,7 @@ from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lo
                               read_base_ref, with_adapter, with_lora)
 from fin_tasks.prepare import prepare_task
 from fin_tasks.train import (IGNORE, Progress, _Loop, collate, encode, encode_causal,
-                             epoch_batches, read_records, render_prompt, train)
+                             epoch_batches, read_jsonl, render_prompt, train)
 
 from conftest import ROOT
 
@@ -69,8 +69,8 @@ def _loop(params: Params, run: str, workspace: Path) -> _Loop:
     torch.manual_seed(hyper.seed)
     model = with_lora(load_base(config, ref, labels), config)
     prepared = workspace / "prepare" / spec.task
-    train_set = encode(read_records(prepared / "train.jsonl"), tokenizer, config, hyper.max_length)
-    valid_set = encode(read_records(prepared / "valid.jsonl"), tokenizer, config, hyper.max_length)
+    train_set = encode(read_jsonl(prepared / "train.jsonl"), tokenizer, config, hyper.max_length)
+    valid_set = encode(read_jsonl(prepared / "valid.jsonl"), tokenizer, config, hyper.max_length)
     return _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id,
                  torch.device("cpu"), config)
 

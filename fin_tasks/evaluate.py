@@ -1,0 +1,120 @@
+"""The `evaluate` stage: organizer-exact metrics for every variant and labeled split.
+
+Classification: accuracy, weighted F1 (the ranking metric), macro F1, MCC, missing rate,
+a confusion matrix. Summarization: ROUGE-1/2/L (ranking: ROUGE-1), BERTScore F1, length
+statistics. Multiple choice (FinEval): accuracy overall, per subject, and for questions with
+and without numeric content. The ranking metric gets a bootstrap 95% interval.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
+from fin_tasks.config import EvaluateConfig, Params
+from fin_tasks.metrics import bertscore_f1, bootstrap_ci, classification_metrics, rouge_scores
+from fin_tasks.models import resolve_source
+from fin_tasks.tasks import Task, task_from_config
+
+log = logging.getLogger(__name__)
+
+RANKING = {"classification": "f1_weighted", "multiple_choice": "accuracy",
+           "summarization": "rouge1"}
+
+
+def evaluate_run(run: str, params: Params, prepared_dir: str | Path, predict_dir: str | Path,
+                 out_dir: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score every variant's predictions on every labeled split; write metrics.json."""
+    spec, settings = params.train.runs[run], params.evaluate
+    task = task_from_config(spec.task, params.tasks[spec.task])
+    prepared_dir, predict_dir = Path(prepared_dir), Path(predict_dir)
+    metrics: dict[str, Any] = {}
+    confusions: dict[str, list[dict[str, str]]] = {}
+    for variant_dir in sorted(p for p in predict_dir.iterdir() if p.is_dir()):
+        for predictions_file in sorted(variant_dir.glob("*.jsonl")):
+            split = predictions_file.stem
+            gold = {r["id"]: r for r in read_jsonl(prepared_dir / f"{split}.jsonl")}
+            if any(r.get("answer") is None for r in gold.values()):
+                continue  # an unlabeled split (an official test set) has nothing to score
+            rows = read_jsonl(predictions_file)
+            scored = score(task, [gold[r["id"]] for r in rows], rows, settings)
+            metrics.setdefault(variant_dir.name, {})[split] = scored
+            if task.labels:
+                confusions[f"{variant_dir.name}_{split}"] = [
+                    {"actual": gold[r["id"]]["answer"], "predicted": r["label"]} for r in rows]
+    result = {"run": run, "task": spec.task, "model": spec.model,
+              "ranking_metric": RANKING[task.kind], "metrics": metrics,
+              "predictions": {str(p.relative_to(predict_dir)): sha256_file(p)
+                              for p in sorted(predict_dir.rglob("*.jsonl"))}}
+    with atomic_dir(out_dir) as scratch:
+        write_json(scratch / "metrics.json", result)
+    if plots_dir is not None:
+        with atomic_dir(plots_dir) as scratch:
+            for name, rows in confusions.items():
+                _write_csv(scratch / f"confusion_{name}.csv", rows)
+    return result
+
+
+def score(task: Task, gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
+          settings: EvaluateConfig) -> dict[str, Any]:
+    """Metrics of one prediction file against its gold records (same order)."""
+    if task.kind == "summarization":
+        return _summarization(gold, rows, settings)
+    golds = [g["answer"] for g in gold]
+    preds = [r["label"] for r in rows]
+    result: dict[str, Any] = classification_metrics(golds, preds) | {"rows": len(rows)}
+    ranking = RANKING[task.kind]
+    result[f"{ranking}_ci95"] = bootstrap_ci(
+        list(zip(golds, preds)), lambda pairs: classification_metrics(*zip(*pairs))[ranking],
+        settings.bootstrap, settings.seed)
+    if task.kind == "multiple_choice":
+        result |= _by_group(gold, golds, preds)
+    return result
+
+
+def _by_group(gold: Sequence[dict[str, Any]], golds: list[str], preds: list[str]) -> dict:
+    """FinEval: accuracy per subject and for numeric / non-numeric questions."""
+    correct = np.array([g == p for g, p in zip(golds, preds)])
+    numeric = np.array([bool(g.get("numeric")) for g in gold])
+    subjects = np.array([g.get("subject", "") for g in gold])
+    return {
+        "accuracy_numeric": float(correct[numeric].mean()) if numeric.any() else None,
+        "rows_numeric": int(numeric.sum()),
+        "accuracy_non_numeric": float(correct[~numeric].mean()) if (~numeric).any() else None,
+        "rows_non_numeric": int((~numeric).sum()),
+        "accuracy_by_subject": {s: float(correct[subjects == s].mean())
+                                for s in sorted(set(subjects))},
+    }
+
+
+def _summarization(gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],
+                   settings: EvaluateConfig) -> dict[str, Any]:
+    references, candidates = [g["answer"] for g in gold], [r["output"] for r in rows]
+    scores = rouge_scores(references, candidates)
+    result: dict[str, Any] = {key: float(np.mean(values)) for key, values in scores.items()}
+    result["rouge1_ci95"] = bootstrap_ci(scores["rouge1"], np.mean, settings.bootstrap,
+                                         settings.seed)
+    if settings.bertscore_model:
+        model = resolve_source(settings.bertscore_model).name_or_path
+        result["bertscore_f1"] = float(np.mean(bertscore_f1(
+            references, candidates, model, settings.bertscore_layer,
+            settings.bertscore_batch_size)))
+        result["bertscore_model"] = settings.bertscore_model
+    lengths = [len(c.split()) for c in candidates]
+    result |= {"rows": len(rows), "words_mean": float(np.mean(lengths)),
+               "words_reference_mean": float(np.mean([len(r.split()) for r in references])),
+               "empty_outputs": int(sum(1 for c in candidates if not c.strip()))}
+    return result
+
+
+def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["actual", "predicted"])
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,202 @@
+"""Prediction: batched greedy generation, choice scoring, and classification heads.
+
+Generation sorts prompts by length and pads on the left, so each batch wastes little and
+every row's continuation starts at the same position. Choice scoring puts every choice of
+every prompt in one batch and reads each choice's log-likelihood from one forward pass:
+it never yields "missing".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+import torch
+
+from fin_tasks import baselines
+from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
+                                 write_json, write_jsonl)
+from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
+from fin_tasks.metrics import MISSING, PARSERS
+from fin_tasks.models import BaseRef, load_base, load_tokenizer, read_base_ref, with_adapter
+from fin_tasks.tasks import Task, task_from_config
+from fin_tasks.train import classify, encode_encoder, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+def _length_order(sizes: Sequence[int]) -> list[int]:
+    """Indices from longest to shortest (a batch's width is set by its first row)."""
+    return sorted(range(len(sizes)), key=lambda i: -sizes[i])
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
+             batch_size: int = 16) -> list[str]:
+    """Greedy continuations of `prompts` (new text only), in input order."""
+    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = _length_order([len(ids) for ids in encoded])
+    device = next(model.parameters()).device
+    model.eval()
+    outputs: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):  # left padding: prompts end at the same column
+            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
+            mask[row, width - len(encoded[i]):] = 1
+        generated = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id)
+        for row, i in enumerate(chunk):
+            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+    return [outputs[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: Sequence[str],
+                  batch_size: int = 16) -> list[list[float]]:
+    """Log-likelihood of each choice (as " choice") after each prompt, in input order."""
+    choice_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
+    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    order = _length_order([len(ids) for ids in prompt_ids])
+    device = next(model.parameters()).device
+    model.eval()
+    scores: dict[int, list[float]] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        rows = [prompt_ids[i] + c for i in chunk for c in choice_ids]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, tokens in enumerate(rows):  # right padding: positions stay 0..n
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            mask[row, : len(tokens)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for n, i in enumerate(chunk):
+            start_at = len(prompt_ids[i])
+            scores[i] = []
+            for k, c in enumerate(choice_ids):
+                row = n * len(choice_ids) + k
+                positions = torch.arange(start_at - 1, start_at - 1 + len(c))
+                scores[i].append(float(logprobs[row, positions, torch.tensor(c)].sum()))
+    return [scores[i] for i in range(len(prompts))]
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def variants_for(config: ModelConfig, settings: PredictConfig) -> tuple[str, ...]:
+    """The model variants a run predicts with."""
+    if config.kind in BASELINE_KINDS:
+        return ("baseline",)
+    if config.lora is None:
+        return ("full",)
+    if config.kind == "encoder":  # an encoder's head exists only with its adapter
+        return tuple(v for v in settings.variants if v != "base") or ("adapter",)
+    return settings.variants
+
+
+def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], base_dir: Path,
+                 train_dir: Path) -> Any:
+    """A model ready for inference: base, base + adapter, merged, or fully tuned weights."""
+    if variant == "full":
+        return load_base(config, BaseRef(str(train_dir / "model")), labels)
+    if variant == "merged":
+        # merge into a dequantized base: merging into 4-bit weights rounds the update away
+        plain = config.model_copy(update={"quantization": None, "dtype": (
+            config.quantization.compute_dtype if config.quantization else config.dtype)})
+        return with_adapter(load_base(plain, read_base_ref(base_dir), labels),
+                            train_dir / "adapter").merge_and_unload()
+    base = load_base(config, read_base_ref(base_dir), labels)
+    return base if variant == "base" else with_adapter(base, train_dir / "adapter")
+
+
+def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
+                records: Sequence[dict[str, Any]], settings: PredictConfig,
+                ) -> list[dict[str, Any]]:
+    """Raw output and parsed label for each record, in input order."""
+    if config.kind == "encoder":
+        examples = encode_encoder([r | {"gold": 0} for r in records], tokenizer, 512)
+        classes = classify(model, examples, settings.batch_size, tokenizer.pad_token_id,
+                           next(model.parameters()).device)
+        return [{"output": task.labels[c], "label": task.labels[c]} for c in classes]
+    prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
+    if task.labels and settings.mode == "score":
+        scores = score_choices(model, tokenizer, prompts, task.labels, settings.batch_size)
+        return [{"output": task.labels[max(range(len(s)), key=s.__getitem__)],
+                 "label": task.labels[max(range(len(s)), key=s.__getitem__)],
+                 "scores": [round(x, 4) for x in s]} for s in scores]
+    texts = generate(model, tokenizer, prompts, task.max_new_tokens, settings.batch_size)
+    return [{"output": text, "label": parse(task, text)} for text in texts]
+
+
+def parse(task: Task, text: str) -> str | None:
+    """The label a generated text stands for (None for summarization)."""
+    return PARSERS[task.parser](text, task.labels) if task.labels else None
+
+
+def predictions_schema(task: Task) -> pa.DataFrameSchema:
+    """One row per input id: the raw output and, for classification, a label or "missing"."""
+    columns = {"id": pa.Column(str, unique=True), "output": pa.Column(str)}
+    if task.labels:
+        columns["label"] = pa.Column(str, pa.Check.isin([*task.labels, MISSING]))
+    else:
+        columns["label"] = pa.Column(object, pa.Check(lambda s: s.isna()), nullable=True)
+    return pa.DataFrameSchema(columns, strict=False)
+
+
+def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
+                train_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Predict every configured split with every variant of one trained run."""
+    spec, settings = params.train.runs[run], params.predict
+    config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
+    prepared_dir, base_dir, train_dir = Path(prepared_dir), Path(base_dir), Path(train_dir)
+    splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
+    info: dict[str, Any] = {"run": run, "model": spec.model, "task": spec.task,
+                            "mode": settings.mode if task.labels and config.kind == "causal"
+                            else None, "variants": {}}
+    with atomic_dir(out_dir) as scratch:
+        for variant in variants_for(config, settings):
+            predictor = _predictor(variant, task, config, base_dir, train_dir, settings)
+            info["variants"][variant] = {}
+            for split, records in splits.items():
+                started = time.perf_counter()
+                rows = [{"id": r["id"]} | out for r, out in zip(records, predictor(records))]
+                seconds = time.perf_counter() - started
+                predictions_schema(task).validate(pd.DataFrame(rows))
+                write_jsonl(scratch / variant / f"{split}.jsonl", rows)
+                info["variants"][variant][split] = {
+                    "rows": len(rows), "seconds": round(seconds, 3),
+                    "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
+                log.info("%s %s %s: %d rows, %.1f examples/s", run, variant, split, len(rows),
+                         len(rows) / max(seconds, 1e-9))
+        info |= {"settings": settings.model_dump(mode="json"),
+                 "inputs": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
+                 "packages": package_versions()}
+        write_json(scratch / "predict.json", info)
+    return info
+
+
+def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, train_dir: Path,
+               settings: PredictConfig) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
+    """A function from records to outputs, with its model loaded once."""
+    if variant == "baseline":
+        fitted = json.loads((train_dir / "baseline.json").read_text(encoding="utf-8"))
+        return lambda records: [{"output": text, "label": parse(task, text)}
+                                for text in baselines.outputs(fitted, records)]
+    model = load_variant(variant, config, task.labels, base_dir, train_dir)
+    tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
+    if config.kind == "encoder":
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return lambda records: outputs_for(task, config, model, tokenizer, records, settings)
