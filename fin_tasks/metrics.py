@@ -27,13 +27,12 @@ def parse_choice(text: str, choices: Sequence[str]) -> str:
     return MISSING
 
 
-_LETTER = re.compile(r"[A-D]")
-
-
 def parse_letter(text: str, choices: Sequence[str]) -> str:
-    """Multiple choice (FinEval): the first option letter in the output, else "missing"."""
-    match = re.search("|".join(re.escape(c) for c in choices), text.strip().upper())
-    return match.group(0) if match else MISSING
+    """Multiple choice (FinEval): the first option letter standing alone in the output
+    (not inside a word such as "ANSWER"), else "missing"."""
+    letters = "|".join(re.escape(c) for c in choices)
+    match = re.search(rf"(?<![A-Z])({letters})(?![A-Z])", text.strip().upper())
+    return match.group(1) if match else MISSING
 
 
 PARSERS = {"substring": parse_choice, "letter": parse_letter}

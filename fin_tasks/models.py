@@ -136,6 +136,17 @@ def _keep_cpu_4bit_layout(model: Any) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def dequantized(model: Any, config: ModelConfig) -> Any:
+    """The same base with its bitsandbytes layers turned back into plain linear layers, in the
+    compute dtype: the weights the quantized model actually computes with, ready to merge an
+    adapter into (merging into 4-bit weights would round the update away)."""
+    if config.quantization is None:
+        return model
+    dtype = DTYPES[config.quantization.compute_dtype]
+    model = model.dequantize(dtype=dtype)
+    return model.to(dtype)
+
+
 def lora_config(settings: LoraSettings, kind: str) -> Any:
     """A peft LoraConfig from params."""
     from peft import LoraConfig, TaskType

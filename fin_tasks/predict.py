@@ -24,7 +24,8 @@ from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha25
                                  write_json, write_jsonl)
 from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
 from fin_tasks.metrics import MISSING, PARSERS
-from fin_tasks.models import BaseRef, load_base, load_tokenizer, read_base_ref, with_adapter
+from fin_tasks.models import (BaseRef, dequantized, load_base, load_tokenizer, read_base_ref,
+                              with_adapter)
 from fin_tasks.tasks import Task, task_from_config
 from fin_tasks.train import classify, encode_encoder, render_prompt
 
@@ -113,11 +114,8 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
     if variant == "full":
         return load_base(config, BaseRef(str(train_dir / "model")), labels)
     if variant == "merged":
-        # merge into a dequantized base: merging into 4-bit weights rounds the update away
-        plain = config.model_copy(update={"quantization": None, "dtype": (
-            config.quantization.compute_dtype if config.quantization else config.dtype)})
-        return with_adapter(load_base(plain, read_base_ref(base_dir), labels),
-                            train_dir / "adapter").merge_and_unload()
+        base = dequantized(load_base(config, read_base_ref(base_dir), labels), config)
+        return with_adapter(base, train_dir / "adapter").merge_and_unload()
     base = load_base(config, read_base_ref(base_dir), labels)
     return base if variant == "base" else with_adapter(base, train_dir / "adapter")
 

