@@ -85,6 +85,29 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"evaluate {name}: {summary or 'no labeled split'} -> {out}")
 
 
+def _submit(args: argparse.Namespace) -> None:
+    from fin_tasks.submit import SubmissionError, submit_task
+
+    params = load_params(args.params)
+    for name in _selected(args.task, params.submit.tasks, args.params, "submit task"):
+        out = Path(args.out_dir) / "submit" / name
+        try:
+            report = submit_task(name, params, args.out_dir, out)
+        except SubmissionError as error:
+            raise ConfigError(f"submit {name}: {error}") from None
+        print(f"submit {name}: {report['run']} ({report['variant']}), {report['rows']} rows, "
+              f"validated -> {out}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from fin_tasks.report import build_report
+
+    params = load_params(args.params)
+    out = Path(args.out_dir) / "report"
+    rows = build_report(params, args.out_dir, out)
+    print(f"report: {len(rows)} leaderboard rows -> {out / 'leaderboard.md'}")
+
+
 def _selected(names: list[str] | None, defined: dict, params: str, what: str) -> list[str]:
     """The entries named on the command line (all when none), each checked to exist."""
     unknown = [name for name in names or [] if name not in defined]
@@ -114,8 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("evaluate", help="score predictions as the organizers do")
     for sub in (predict, evaluate):
         sub.add_argument("--run", action="append", help="run name (repeatable; default all)")
+    submit = verbs.add_parser("submit", help="build and validate a submission bundle per task")
+    submit.add_argument("--task", action="append", help="task name (repeatable; default all)")
+    report = verbs.add_parser("report", help="write the leaderboard (Markdown and CSV)")
     for sub, handler in ((base, _base), (train, _train), (predict, _predict),
-                         (evaluate, _evaluate)):
+                         (evaluate, _evaluate), (submit, _submit), (report, _report)):
         sub.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
         sub.add_argument("--out-dir", default="outputs", help="root of stage outputs")
         sub.set_defaults(handler=handler)
@@ -127,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # bitsandbytes announces on every 4-bit load that an optional hub-fetched kernel package
+    # is absent; its own CPU kernels run instead, so the line is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         args.handler(args)
     except (DataError, ConfigError, ModelError) as error:

@@ -311,6 +311,28 @@ class EvaluateConfig(Strict):
     """Texts per forward pass of the BERTScore encoder."""
 
 
+class SubmissionChoice(Strict):
+    """Which trained run and variant a task's submission uses."""
+
+    run: str = "auto"
+    """A run name, or `auto`: the best on the validation split by the task's ranking metric."""
+    variant: str = "auto"
+    """A variant (adapter, merged, base, full, baseline), or `auto` with the run."""
+    include_baselines: bool = False
+    """Let `auto` pick a baseline (off: a floor, not a submission)."""
+
+
+class SubmitConfig(Strict):
+    """The `submit` stage."""
+
+    tasks: dict[str, SubmissionChoice] = {}
+    """Tasks to bundle, by name."""
+    merged_weights: bool = False
+    """Bundle merged safetensors weights (else the adapter plus the base id and revision)."""
+    leakage_rows: int = Field(200, ge=0)
+    """Rows of train and of test for the data leakage test (0: skip it)."""
+
+
 class Params(Strict):
     """The whole params.yaml."""
 
@@ -326,6 +348,8 @@ class Params(Strict):
     """Settings of the `predict` stage."""
     evaluate: EvaluateConfig = EvaluateConfig()
     """Settings of the `evaluate` stage."""
+    submit: SubmitConfig = SubmitConfig()
+    """Settings of the `submit` stage."""
 
     @model_validator(mode="after")
     def _runs_name_known_entries(self) -> Params:
@@ -336,6 +360,9 @@ class Params(Strict):
             if run.task not in self.tasks:
                 raise ValueError(f"train.runs.{name}.task '{run.task}' is not in tasks "
                                  f"({', '.join(self.tasks)})")
+        for task in self.submit.tasks:
+            if task not in self.tasks:
+                raise ValueError(f"submit.tasks: unknown task '{task}'")
         for name, model in self.models.items():
             for task in model.tiny.tokenizer_tasks if model.tiny else ():
                 if task not in self.tasks:

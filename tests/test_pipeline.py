@@ -38,12 +38,28 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
-def test_dvc_repro_prepares_every_task_then_is_a_no_op(clone: Path) -> None:
+def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
     _run(["dvc", "repro"], clone)
     for task in ("finarg_ecc", "edtsum", "fineval", "sentiment"):
         manifest = json.loads((clone / "outputs/prepare" / task / "manifest.json").read_text())
         assert all(split["rows"] > 0 for split in manifest["splits"].values())
+        validation = json.loads((clone / "outputs/submit" / task / "validation.json").read_text())
+        assert validation["ok"] and (clone / "outputs/submit" / task / "MODEL_CARD.md").exists()
+    adapter = clone / "outputs/train/tiny-llama-finarg_ecc/adapter/adapter_model.safetensors"
+    assert adapter.stat().st_size > 0
+    leaderboard = (clone / "outputs/report/leaderboard.md").read_text()
+    assert "## finarg_ecc (valid, ranked by f1_weighted)" in leaderboard
+    assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in leaderboard
+    metrics = _run(["dvc", "metrics", "show"], clone)
+    assert "outputs/evaluate/tiny-llama-finarg_ecc/metrics.json" in metrics
+    assert "f1_weighted" in metrics and "rouge1" in metrics
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], clone)
     assert "up to date" in _run(["dvc", "status"], clone)
+
+
+def test_outputs_round_trip_through_the_default_remote(clone: Path) -> None:
     _run(["dvc", "push"], clone)
     assert any((clone / ".dvc-storage").rglob("*")), "dvc push wrote nothing to the remote"
+    shutil.rmtree(clone / "outputs/report")
+    _run(["dvc", "pull"], clone)
+    assert (clone / "outputs/report/leaderboard.md").exists()

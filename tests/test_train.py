@@ -14,7 +14,6 @@ from fin_tasks.config import Params, QuantConfig, parse_params
 from fin_tasks.errors import ConfigError, ModelError
 from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
                               read_base_ref, with_adapter, with_lora)
-from fin_tasks.prepare import prepare_task
 from fin_tasks.train import (IGNORE, Progress, _Loop, collate, encode, encode_causal,
                              epoch_batches, read_jsonl, render_prompt, train)
 

@@ -1,0 +1,138 @@
+"""The `report` stage: one leaderboard across runs, tasks and variants (Markdown and CSV),
+with confidence intervals, training cost and data/adapter hashes, and the published
+FinLLM Challenge 2024 figures beside it for reference."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from fin_tasks.artifacts import atomic_dir, sha256_file, write_json
+from fin_tasks.config import Params
+from fin_tasks.evaluate import RANKING
+from fin_tasks.tasks import task_from_config
+
+# Published results on the official test sets (../shared/CHALLENGE.md): references only.
+ANCHORS = {
+    "finarg_ecc": [
+        ("1st Team Barclays", {"f1_weighted": 0.7626, "mcc": 0.5237}),
+        ("2nd Albatross", {"f1_weighted": 0.7575, "mcc": 0.5174}),
+        ("3rd L3iTC (QLoRA)", {"f1_weighted": 0.7544, "mcc": 0.5149}),
+        ("6th CatMemo", {"f1_weighted": 0.7110}),
+        ("majority class", {"f1_weighted": 0.361}),
+    ],
+    "edtsum": [
+        ("1st LBZ", {"rouge1": 0.5346, "rouge2": 0.3581, "rougeL": 0.4922,
+                     "bertscore_f1": 0.9117}),
+        ("2nd Upaya", {"rouge1": 0.5295}),
+        ("3rd Finance Wizard", {"rouge1": 0.5210}),
+        ("6th L3iTC (QLoRA)", {"rouge1": 0.3661, "rouge2": 0.1872, "rougeL": 0.3046,
+                               "bertscore_f1": 0.8750}),
+    ],
+}
+ANCHOR_TYPES = {"finarg_ecc": "finarg_ecc", "edtsum": "edtsum"}
+COLUMNS = {
+    "classification": ["accuracy", "f1_weighted", "f1_macro", "mcc", "missing_rate"],
+    "multiple_choice": ["accuracy", "accuracy_numeric", "accuracy_non_numeric", "missing_rate"],
+    "summarization": ["rouge1", "rouge2", "rougeL", "bertscore_f1", "words_mean"],
+}
+
+
+def leaderboard_rows(params: Params, root: Path) -> list[dict[str, Any]]:
+    """One row per (run, variant, split) that was scored."""
+    rows = []
+    for run, spec in params.train.runs.items():
+        evaluation = json.loads((root / "evaluate" / run / "metrics.json").read_text())
+        training = json.loads((root / "train" / run / "metrics.json").read_text())
+        task = task_from_config(spec.task, params.tasks[spec.task])
+        manifest = json.loads((root / "prepare" / spec.task / "manifest.json").read_text())
+        adapter = root / "train" / run / "adapter" / "adapter_model.safetensors"
+        for variant, splits in evaluation["metrics"].items():
+            for split, metrics in splits.items():
+                key = RANKING[task.kind]
+                ci = metrics.get(f"{key}_ci95")
+                rows.append({
+                    "task": spec.task, "kind": task.kind, "run": run, "model": spec.model,
+                    "variant": variant, "split": split, "rows": metrics["rows"],
+                    "metric": key, "score": metrics[key],
+                    "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
+                    **{c: metrics.get(c) for c in COLUMNS[task.kind]},
+                    "train_s": training.get("wall_s"),
+                    "peak_mib": round(training["peak_memory_bytes"] / 2**20)
+                    if training.get("peak_memory_bytes") else None,
+                    "tokens_per_s": training.get("tokens_per_s"),
+                    "data_sha256": manifest["outputs"]["train.jsonl"][:12],
+                    "adapter_sha256": sha256_file(adapter)[:12] if adapter.exists() else None,
+                })
+    return sorted(rows, key=lambda r: (r["task"], r["split"], -r["score"]))
+
+
+def build_report(params: Params, root: str | Path, out_dir: str | Path) -> list[dict[str, Any]]:
+    """Write leaderboard.md, leaderboard.csv and leaderboard.json into `out_dir`."""
+    root = Path(root)
+    rows = leaderboard_rows(params, root)
+    submissions = {p.parent.name: json.loads(p.read_text())
+                   for p in sorted((root / "submit").glob("*/validation.json"))}
+    with atomic_dir(out_dir) as scratch:
+        fields = list(dict.fromkeys(k for row in rows for k in row))
+        with (scratch / "leaderboard.csv").open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+        write_json(scratch / "leaderboard.json", {"rows": rows, "submissions": submissions})
+        (scratch / "leaderboard.md").write_text(markdown(params, rows, submissions),
+                                                encoding="utf-8")
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if abs(value) >= 10 else f"{value:.4f}"
+    return str(value)
+
+
+def markdown(params: Params, rows: list[dict[str, Any]], submissions: dict[str, Any]) -> str:
+    """The leaderboard as Markdown: a table per task and split, anchors, submissions."""
+    lines = ["# Leaderboard", "",
+             "Scores from `fin-tasks evaluate` (organizer-exact parsing and metrics); the "
+             "interval is a bootstrap 95% CI of the ranking metric. Published figures are on "
+             "the official test sets and are shown for reference only.", ""]
+    for task in sorted({r["task"] for r in rows}):
+        kind = next(r["kind"] for r in rows if r["task"] == task)
+        for split in ("valid", "test"):
+            part = [r for r in rows if r["task"] == task and r["split"] == split]
+            if not part:
+                continue
+            metric = part[0]["metric"]
+            columns = [c for c in COLUMNS[kind] if c != metric]
+            lines += [f"## {task} ({split}, ranked by {metric})", "",
+                      "| # | run | variant | " + metric + " (95% CI) | " + " | ".join(columns)
+                      + " | train s | peak MiB | data | adapter |",
+                      "|" + "---|" * (8 + len(columns))]
+            for rank, r in enumerate(part, start=1):
+                ci = f" ({_fmt(r['ci95_low'])}-{_fmt(r['ci95_high'])})" if r["ci95_low"] is not \
+                    None else ""
+                lines.append(f"| {rank} | {r['run']} | {r['variant']} | {_fmt(r['score'])}{ci} | "
+                             + " | ".join(_fmt(r[c]) for c in columns)
+                             + f" | {_fmt(r['train_s'])} | {_fmt(r['peak_mib'])} | "
+                             f"{r['data_sha256']} | {r['adapter_sha256'] or '-'} |")
+            lines.append("")
+        anchor_key = ANCHOR_TYPES.get(params.tasks[task].type)
+        if anchor_key:
+            lines += [f"Published ({anchor_key}, official test set): " + "; ".join(
+                f"{name} " + ", ".join(f"{k} {v}" for k, v in values.items())
+                for name, values in ANCHORS[anchor_key]), ""]
+    if submissions:
+        lines += ["## Submissions", ""]
+        for task, report in submissions.items():
+            score = next((v for k, v in report.items() if k.startswith("valid_")), None)
+            leak = report.get("leakage")
+            lines.append(f"- {task}: {report['run']} ({report['variant']}), {report['rows']} "
+                         f"rows, valid {_fmt(score)}"
+                         + (f", leakage test (test - train perplexity) "
+                            f"{leak['test_minus_train']}" if leak else ""))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,226 @@
+"""The `submit` stage: one bundle per task, ready to hand in.
+
+A bundle holds the test predictions in test order (id, model output, parsed label), the
+model (an adapter with its base id and revision, or merged safetensors weights), a model
+card stating data, method and scores, and a validation report. The validator refuses a
+bundle with missing or duplicate ids, labels outside the task's set, empty summaries, or a
+row count that differs from the test set. For causal models it also runs the organizers'
+data leakage test: perplexity on test texts minus perplexity on train texts.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import shutil
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
+from fin_tasks.config import BASELINE_KINDS, Params
+from fin_tasks.evaluate import RANKING
+from fin_tasks.metrics import MISSING
+from fin_tasks.models import BaseRef, load_tokenizer, read_base_ref
+from fin_tasks.predict import load_variant
+from fin_tasks.tasks import Task, task_from_config
+
+log = logging.getLogger(__name__)
+
+
+class SubmissionError(ValueError):
+    """A bundle that would be refused by the organizers; nothing is written."""
+
+
+def choose(task_name: str, params: Params, evaluate_root: Path) -> tuple[str, str, float]:
+    """The (run, variant) a task submits, and its validation score."""
+    choice = params.submit.tasks[task_name]
+    task = task_from_config(task_name, params.tasks[task_name])
+    key = RANKING[task.kind]
+    candidates = []
+    for run, spec in params.train.runs.items():
+        if spec.task != task_name or choice.run not in ("auto", run):
+            continue
+        baseline = params.models[spec.model].kind in BASELINE_KINDS
+        if choice.run == "auto" and baseline and not choice.include_baselines:
+            continue
+        metrics = json.loads((evaluate_root / run / "metrics.json").read_text())["metrics"]
+        for variant, splits in metrics.items():
+            if choice.variant in ("auto", variant) and "valid" in splits:
+                candidates.append((splits["valid"][key], run, variant))
+    if not candidates:
+        raise SubmissionError(f"submit.tasks.{task_name}: no evaluated run matches "
+                              f"run={choice.run}, variant={choice.variant}")
+    score, run, variant = max(candidates, key=lambda c: c[0])
+    return run, variant, score
+
+
+def validate_bundle(task: Task, test: Sequence[dict[str, Any]],
+                    predictions: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Check a prediction file against the test set; raise SubmissionError on any problem."""
+    problems = []
+    ids = [p["id"] for p in predictions]
+    expected = [t["id"] for t in test]
+    if len(predictions) != len(test):
+        problems.append(f"{len(predictions)} rows, but the test set has {len(test)}")
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if duplicates:
+        problems.append(f"duplicate ids: {', '.join(duplicates[:5])}")
+    missing = sorted(set(expected) - set(ids))
+    if missing:
+        problems.append(f"test ids without a prediction: {', '.join(missing[:5])}")
+    extra = sorted(set(ids) - set(expected))
+    if extra:
+        problems.append(f"ids not in the test set: {', '.join(extra[:5])}")
+    if task.labels:
+        outside = sorted({p["label"] for p in predictions} - {*task.labels, MISSING})
+        if outside:
+            problems.append(f"labels outside {list(task.labels)}: {', '.join(outside)}")
+    else:
+        empty = [p["id"] for p in predictions if not str(p["output"]).strip()]
+        if empty:
+            problems.append(f"{len(empty)} empty summaries (first: {empty[0]})")
+    if problems:
+        raise SubmissionError("submission refused: " + "; ".join(problems))
+    report: dict[str, Any] = {"ok": True, "rows": len(predictions), "order": "test order"}
+    if task.labels:
+        report["unparsed_outputs"] = sum(1 for p in predictions if p["label"] == MISSING)
+    return report
+
+
+@torch.no_grad()
+def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:
+    """Token-level perplexity of a causal LM on `texts`."""
+    device = next(model.parameters()).device
+    model.eval()
+    total, count = 0.0, 0
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length,
+                        return_tensors="pt")["input_ids"].to(device)
+        if ids.shape[1] < 2:
+            continue
+        logits = model(input_ids=ids).logits[0, :-1].float()
+        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+        count += ids.shape[1] - 1
+    return math.exp(total / max(count, 1))
+
+
+def leakage_test(model: Any, tokenizer: Any, train: Sequence[dict[str, Any]],
+                 test: Sequence[dict[str, Any]], rows: int) -> dict[str, float]:
+    """The organizers' data leakage test: perplexity on test minus perplexity on train.
+
+    A model that saw the test set tends to find it easier than its own training data,
+    which drives the difference down (below zero)."""
+    train_ppl = perplexity(model, tokenizer, [r["text"] for r in train[:rows]])
+    test_ppl = perplexity(model, tokenizer, [r["text"] for r in test[:rows]])
+    return {"rows": min(rows, len(train), len(test)), "train_perplexity": round(train_ppl, 4),
+            "test_perplexity": round(test_ppl, 4),
+            "test_minus_train": round(test_ppl - train_ppl, 4)}
+
+
+def submit_task(task_name: str, params: Params, root: str | Path,
+                out_dir: str | Path) -> dict[str, Any]:
+    """Build and validate the submission bundle of one task under `out_dir`."""
+    root = Path(root)
+    task = task_from_config(task_name, params.tasks[task_name])
+    run, variant, valid_score = choose(task_name, params, root / "evaluate")
+    spec = params.train.runs[run]
+    config = params.models[spec.model]
+    test = read_jsonl(root / "prepare" / task_name / "test.jsonl")
+    by_id = {p["id"]: p for p in read_jsonl(root / "predict" / run / variant / "test.jsonl")}
+    predictions = [by_id[t["id"]] for t in test if t["id"] in by_id]
+    report = validate_bundle(task, test, list(by_id.values()))
+    train_dir, base_dir = root / "train" / run, root / "base" / spec.model
+    model = None
+    if config.kind == "causal" and params.submit.leakage_rows:
+        model = load_variant(variant, config, task.labels, base_dir, train_dir)
+        tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
+        report["leakage"] = leakage_test(model, tokenizer,
+                                         read_jsonl(root / "prepare" / task_name / "train.jsonl"),
+                                         test, params.submit.leakage_rows)
+    evaluation = json.loads((root / "evaluate" / run / "metrics.json").read_text())
+    with atomic_dir(out_dir) as scratch:
+        _write_predictions(scratch / "predictions.csv", predictions, task)
+        bundled = _bundle_model(scratch / "model", params, run, variant, base_dir, train_dir,
+                                model, task.labels)
+        card = model_card(task_name, params, run, variant, evaluation, report, bundled, root)
+        (scratch / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+        report |= {"task": task_name, "run": run, "variant": variant,
+                   "valid_" + RANKING[task.kind]: valid_score,
+                   "predictions_sha256": sha256_file(scratch / "predictions.csv")}
+        write_json(scratch / "validation.json", report)
+    log.info("submission %s: run %s (%s), %d rows -> %s", task_name, run, variant,
+             len(predictions), out_dir)
+    return report
+
+
+def _write_predictions(path: Path, predictions: Sequence[dict[str, Any]], task: Task) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        fields = ["id", "output", "label"] if task.labels else ["id", "output"]
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(predictions)
+
+
+def _bundle_model(target: Path, params: Params, run: str, variant: str, base_dir: Path,
+                  train_dir: Path, model: Any, labels: tuple[str, ...]) -> dict[str, Any]:
+    """Copy what reproduces the predictions: baseline, weights, or adapter + base reference."""
+    spec = params.train.runs[run]
+    config = params.models[spec.model]
+    target.mkdir(parents=True)
+    if variant == "baseline":
+        shutil.copy2(train_dir / "baseline.json", target / "baseline.json")
+        return {"kind": "baseline"}
+    if variant == "full":
+        shutil.copytree(train_dir / "model", target, dirs_exist_ok=True)
+        shutil.copytree(train_dir / "tokenizer", target, dirs_exist_ok=True)
+        return {"kind": "weights", "variant": variant}
+    if variant == "merged" and params.submit.merged_weights:
+        merged = model or load_variant("merged", config, labels, base_dir, train_dir)
+        merged.save_pretrained(target, safe_serialization=True)
+        shutil.copytree(train_dir / "tokenizer", target, dirs_exist_ok=True)
+        return {"kind": "weights", "variant": variant}
+    ref = read_base_ref(base_dir)
+    if variant != "base":
+        shutil.copytree(train_dir / "adapter", target / "adapter")
+    base_info = {"source": config.source, "revision": config.revision,
+                 "quantization": config.quantization.model_dump() if config.quantization else None,
+                 "merge": variant == "merged"}
+    if config.tiny is not None:  # a locally built base travels with its adapter
+        shutil.copytree(Path(ref.name_or_path), target / "base")
+        base_info["source"] = "base/ (built by fin-tasks from a config; bundled)"
+    write_json(target / "base.json", base_info)
+    return {"kind": "adapter", "variant": variant} | base_info
+
+
+def model_card(task_name: str, params: Params, run: str, variant: str,
+               evaluation: dict[str, Any], report: dict[str, Any], bundled: dict[str, Any],
+               root: Path) -> str:
+    """A Markdown model card: data, method and scores of the submitted model."""
+    spec = params.train.runs[run]
+    config = params.models[spec.model]
+    manifest = json.loads((root / "prepare" / task_name / "manifest.json").read_text())
+    lines = [f"# {task_name}: {run} ({variant})", "", "## Data", ""]
+    for split, info in manifest["splits"].items():
+        lines.append(f"- {split}: {info['rows']} rows ({info['origin']}); labels "
+                     f"{info['labels'] or 'n/a'}")
+    lines += ["", "## Method", "",
+              f"- model entry `{spec.model}`: kind {config.kind}, source {config.source or '-'}"
+              f" (revision {config.revision or '-'})",
+              f"- quantization: "
+              f"{config.quantization.model_dump() if config.quantization else 'none'}",
+              f"- LoRA: {config.lora.model_dump() if config.lora else 'none (every weight)'}",
+              f"- hyper-parameters: {params.train.hyper(run).model_dump()}",
+              f"- bundled model: {bundled.get('kind')}", "", "## Scores", ""]
+    for split, metrics in evaluation["metrics"].get(variant, {}).items():
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
+                 if not isinstance(v, dict)}
+        lines.append(f"- {split}: {shown}")
+    if "leakage" in report:
+        lines += ["", "## Data leakage test", "", f"- {report['leakage']}"]
+    return "\n".join(lines) + "\n"
