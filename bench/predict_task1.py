@@ -58,11 +58,12 @@ def main() -> None:
         "evaluate": {"bootstrap": 0, "bertscore_model": None},
     }
     params = parse_params(raw)
-    prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, out / "prepare")
-    valid = read_jsonl(out / "prepare" / "valid.jsonl")[: args.rows]
-    write_jsonl(out / "prepare" / "valid.jsonl", valid)
-    build_base("tiny", params, out, out / "base")
-    train("tiny", params, out / "prepare", out / "base", out / "train",
+    prepared = out / "prepare" / "finarg_ecc"
+    prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, prepared)
+    valid = read_jsonl(prepared / "valid.jsonl")[: args.rows]
+    write_jsonl(prepared / "valid.jsonl", valid)
+    build_base("tiny", params, out / "prepare", out / "base")
+    train("tiny", params, prepared, out / "base", out / "train",
           checkpoint_root=out / "checkpoints")
     rows = []
     for name, mode, batch in (("(a) generate, one by one", "generate", 1),
@@ -72,8 +73,8 @@ def main() -> None:
                           "splits": ["valid"]}
         params = parse_params(raw)
         folder = out / f"predict-{mode}-{batch}"
-        info = predict_run("tiny", params, out / "prepare", out / "base", out / "train", folder)
-        scored = evaluate_run("tiny", params, out / "prepare", folder, out / f"eval-{mode}-{batch}")
+        info = predict_run("tiny", params, prepared, out / "base", out / "train", folder)
+        scored = evaluate_run("tiny", params, prepared, folder, out / f"eval-{mode}-{batch}")
         timing = info["variants"]["adapter"]["valid"]
         rows.append((name, timing, scored["metrics"]["adapter"]["valid"]))
     first = rows[0][1]["examples_per_s"]

@@ -106,9 +106,10 @@ def run_causal_one(args: argparse.Namespace) -> dict:
              "lora": {"r": 8, "alpha": 16, "target_modules": "all-linear"}}
     params = parse_params(params_for(args, model))
     out = Path(args.out)
-    prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, out / "prepare")
-    build_base("m", params, out, out / "base")
-    return train("bench", params, out / "prepare", out / "base", out / "train",
+    prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare,
+                 out / "prepare" / "finarg_ecc")
+    build_base("m", params, out / "prepare", out / "base")
+    return train("bench", params, out / "prepare" / "finarg_ecc", out / "base", out / "train",
                  checkpoint_root=out / "checkpoints")
 
 

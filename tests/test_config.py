@@ -123,9 +123,11 @@ def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
     return seen
 
 
-@pytest.mark.parametrize("stage", ["prepare", "base", "train", "predict", "evaluate"])
+@pytest.mark.parametrize("stage", ["prepare", "base", "train", "predict", "evaluate", "submit",
+                                   "report"])
 def test_each_stage_names_every_library_module_it_imports(stage: str) -> None:
-    deps = set(_dvc_stages()[stage]["do"]["deps"])
+    definition = _dvc_stages()[stage]
+    deps = set(definition.get("do", definition)["deps"])
     needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{stage}.py")}
     needed |= {f"fin_tasks/{stage}.py", "fin_tasks/cli.py"}
     assert needed <= deps, f"dvc.yaml {stage} deps lack {sorted(needed - deps)}"

