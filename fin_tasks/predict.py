@@ -48,12 +48,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        width = max(len(encoded[i]) for i in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: prompts end at the same column
-            ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-            mask[row, width - len(encoded[i]):] = 1
+        # left padding: every prompt ends in the last column, where generation starts
+        ids, mask = _left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id)
+        width = ids.shape[1]
         generated = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
             max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
@@ -66,7 +63,12 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens:
 @torch.no_grad()
 def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: Sequence[str],
                   batch_size: int = 16) -> list[list[float]]:
-    """Log-likelihood of each choice (as " choice") after each prompt, in input order."""
+    """Log-likelihood of each choice (as " choice") after each prompt, in input order.
+
+    Each prompt runs once (left-padded, with explicit positions) and its key/value cache is
+    shared by all its choices, whose few tokens then run in one small batch: the cost is
+    about one forward pass per prompt, whatever the number of choices.
+    """
     choice_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
     prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
     order = _length_order([len(ids) for ids in prompt_ids])
@@ -75,23 +77,52 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
     scores: dict[int, list[float]] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        rows = [prompt_ids[i] + c for i in chunk for c in choice_ids]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, tokens in enumerate(rows):  # right padding: positions stay 0..n
-            ids[row, : len(tokens)] = torch.tensor(tokens)
-            mask[row, : len(tokens)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        ids, mask = _left_padded([prompt_ids[i] for i in chunk], tokenizer.pad_token_id)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                    position_ids=positions.to(device), use_cache=True)
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        rest = _continuations(model, out.past_key_values, mask, choice_ids, tokenizer, device)
         for n, i in enumerate(chunk):
-            start_at = len(prompt_ids[i])
-            scores[i] = []
-            for k, c in enumerate(choice_ids):
-                row = n * len(choice_ids) + k
-                positions = torch.arange(start_at - 1, start_at - 1 + len(c))
-                scores[i].append(float(logprobs[row, positions, torch.tensor(c)].sum()))
+            scores[i] = [float(first[n, c[0]]) + rest[n * len(choice_ids) + k]
+                         for k, c in enumerate(choice_ids)]
     return [scores[i] for i in range(len(prompts))]
+
+
+def _left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows padded on the left into one tensor, with their attention mask."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(rows):
+        ids[row, width - len(tokens):] = torch.tensor(tokens)
+        mask[row, width - len(tokens):] = 1
+    return ids, mask
+
+
+def _continuations(model: Any, cache: Any, prompt_mask: torch.Tensor,
+                   choice_ids: Sequence[list[int]], tokenizer: Any,
+                   device: torch.device) -> list[float]:
+    """Log-likelihood of every choice's tokens after its first, for every prompt x choice."""
+    longest = max(len(c) for c in choice_ids)
+    if longest == 1:
+        return [0.0] * (len(prompt_mask) * len(choice_ids))
+    count = len(choice_ids)
+    cache.batch_repeat_interleave(count)
+    tokens = torch.full((count, longest), tokenizer.pad_token_id, dtype=torch.long)
+    valid = torch.zeros((count, longest), dtype=torch.long)
+    for k, c in enumerate(choice_ids):
+        tokens[k, : len(c)] = torch.tensor(c)
+        valid[k, : len(c)] = 1
+    tokens, valid = tokens.repeat(len(prompt_mask), 1), valid.repeat(len(prompt_mask), 1)
+    lengths = prompt_mask.sum(-1).repeat_interleave(count)
+    positions = lengths[:, None] + torch.arange(longest)[None, :]
+    mask = torch.cat([prompt_mask.repeat_interleave(count, dim=0), valid], dim=1)
+    logits = model(input_ids=tokens[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
+                   position_ids=positions[:, :-1].to(device), past_key_values=cache).logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    picked = logprobs.gather(-1, tokens[:, 1:, None])[..., 0] * valid[:, 1:]
+    return picked.sum(-1).tolist()
 
 
 # ---------------------------------------------------------------- the stage

@@ -36,7 +36,7 @@ install() {
   fi
 }
 
-echo "setup: installing torch==2.13.0 into $venv (${uv:+uv}${uv:-pip})" >&2
+echo "setup: installing torch==2.13.0 into $venv with $([[ -n $uv ]] && echo uv || echo pip)" >&2
 install "torch==2.13.0"
 echo "setup: installing fin-tasks and its pinned dependencies" >&2
 install -c constraints.txt -e ".[quant,encoder,dev]"

@@ -40,9 +40,12 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny) -> None:
 
 def test_choice_scores_equal_separate_log_likelihoods(tiny) -> None:
     model, tokenizer = tiny
-    scores = score_choices(model, tokenizer, PROMPTS, ["premise", "claim"], batch_size=2)
+    choices = ["premise", "claim", "neither of the two"]  # one to several tokens each
+    lengths = {len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in choices}
+    assert len(lengths) > 1 and max(lengths) > 1
+    scores = score_choices(model, tokenizer, PROMPTS, choices, batch_size=2)
     for prompt, row in zip(PROMPTS, scores):
-        for choice, value in zip(["premise", "claim"], row):
+        for choice, value in zip(choices, row):
             ids = tokenizer(prompt)["input_ids"]
             tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
             with torch.no_grad():
