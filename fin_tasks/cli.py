@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
-from fin_tasks.config import load_params
+from fin_tasks.config import Params, Run, load_params
+from fin_tasks.layout import Layout
 from fin_tasks.errors import ConfigError, DataError, ModelError
 
 log = logging.getLogger("fin_tasks")
@@ -16,14 +18,9 @@ log = logging.getLogger("fin_tasks")
 def _prepare(args: argparse.Namespace) -> None:
     from fin_tasks.prepare import prepare_task
 
-    params = load_params(args.params)
-    names = args.task or list(params.tasks)
-    unknown = [name for name in names if name not in params.tasks]
-    if unknown:
-        raise ConfigError(f"{args.params}: unknown task(s) {', '.join(unknown)}; "
-                          f"defined: {', '.join(params.tasks)}")
-    for name in names:
-        out = Path(args.out_dir) / "prepare" / name
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.task, params.tasks, args.params, "task"):
+        out = layout.prepared(name)
         manifest = prepare_task(name, params.tasks[name], params.prepare, out)
         counts = ", ".join(f"{split} {info['rows']}" for split, info in manifest["splits"].items())
         print(f"prepare {name}: {counts} -> {out}")
@@ -32,80 +29,72 @@ def _prepare(args: argparse.Namespace) -> None:
 def _base(args: argparse.Namespace) -> None:
     from fin_tasks.base import build_base
 
-    params = load_params(args.params)
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
     for name in _selected(args.model, params.models, args.params, "model"):
-        out = Path(args.out_dir) / "base" / name
-        build_base(name, params, Path(args.out_dir) / "prepare", out)
-        print(f"base {name} -> {out}")
+        build_base(name, params, layout.root / "prepare", layout.base(name))
+        print(f"base {name} -> {layout.base(name)}")
+
+
+def _runs(args: argparse.Namespace) -> Iterator[tuple[Params, str, Run, Layout]]:
+    """The selected runs, with the params and the output layout."""
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.run, params.train.runs, args.params, "run"):
+        yield params, name, params.train.runs[name], layout
 
 
 def _train(args: argparse.Namespace) -> None:
     from fin_tasks.train import train
 
-    params = load_params(args.params)
-    root = Path(args.out_dir)
-    for name in _selected(args.run, params.train.runs, args.params, "run"):
-        spec = params.train.runs[name]
-        out = root / "train" / name
-        metrics = train(name, params, root / "prepare" / spec.task, root / "base" / spec.model,
-                        out, checkpoint_root=args.checkpoints,
-                        plots_dir=root / "plots" / "train" / name)
+    for params, name, spec, layout in _runs(args):
+        metrics = train(name, params, layout.prepared(spec.task), layout.base(spec.model),
+                        layout.trained(name), checkpoint_root=args.checkpoints,
+                        plots_dir=layout.plots("train", name))
         speed = f", {metrics['tokens_per_s']:.0f} tokens/s" if metrics["tokens_per_s"] else ""
         print(f"train {name}: {metrics['steps']} steps{speed}, best valid "
-              f"{metrics['best_valid']} -> {out}")
+              f"{metrics['best_valid']} -> {layout.trained(name)}")
 
 
 def _predict(args: argparse.Namespace) -> None:
     from fin_tasks.predict import predict_run
 
-    params = load_params(args.params)
-    root = Path(args.out_dir)
-    for name in _selected(args.run, params.train.runs, args.params, "run"):
-        spec = params.train.runs[name]
-        out = root / "predict" / name
-        info = predict_run(name, params, root / "prepare" / spec.task, root / "base" / spec.model,
-                           root / "train" / name, out)
-        print(f"predict {name}: {', '.join(info['variants'])} -> {out}")
+    for params, name, spec, layout in _runs(args):
+        info = predict_run(name, params, layout.prepared(spec.task), layout.base(spec.model),
+                           layout.trained(name), layout.predictions(name))
+        print(f"predict {name}: {', '.join(info['variants'])} -> {layout.predictions(name)}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from fin_tasks.evaluate import evaluate_run
 
-    params = load_params(args.params)
-    root = Path(args.out_dir)
-    for name in _selected(args.run, params.train.runs, args.params, "run"):
-        spec = params.train.runs[name]
-        out = root / "evaluate" / name
-        result = evaluate_run(name, params, root / "prepare" / spec.task, root / "predict" / name,
-                              out, plots_dir=root / "plots" / "evaluate" / name)
+    for params, name, spec, layout in _runs(args):
+        result = evaluate_run(name, params, layout.prepared(spec.task), layout.predictions(name),
+                              layout.evaluation(name), plots_dir=layout.plots("evaluate", name))
         key = result["ranking_metric"]
         summary = ", ".join(f"{variant}/{split} {key} {m[key]:.4f}"
                             for variant, splits in result["metrics"].items()
                             for split, m in splits.items())
-        print(f"evaluate {name}: {summary or 'no labeled split'} -> {out}")
+        print(f"evaluate {name}: {summary or 'no labeled split'} -> {layout.evaluation(name)}")
 
 
 def _submit(args: argparse.Namespace) -> None:
     from fin_tasks.submit import SubmissionError, submit_task
 
-    params = load_params(args.params)
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
     for name in _selected(args.task, params.submit.tasks, args.params, "submit task"):
-        out = Path(args.out_dir) / "submit" / name
         try:
-            report = submit_task(name, params, args.out_dir, out)
+            report = submit_task(name, params, layout.root, layout.submission(name))
         except SubmissionError as error:
             raise ConfigError(f"submit {name}: {error}") from None
         print(f"submit {name}: {report['run']} ({report['variant']}), {report['rows']} rows, "
-              f"validated -> {out}")
+              f"validated -> {layout.submission(name)}")
 
 
 def _report(args: argparse.Namespace) -> None:
     from fin_tasks.report import build_report
 
-    params = load_params(args.params)
-    out = Path(args.out_dir) / "report"
-    rows = build_report(params, args.out_dir, out)
-    print(f"report: {len(rows)} leaderboard rows -> {out / 'leaderboard.md'}")
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    rows = build_report(params, layout.root, layout.report())
+    print(f"report: {len(rows)} leaderboard rows -> {layout.report() / 'leaderboard.md'}")
 
 
 def _selected(names: list[str] | None, defined: dict, params: str, what: str) -> list[str]:

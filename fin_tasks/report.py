@@ -12,6 +12,7 @@ from typing import Any
 from fin_tasks.artifacts import atomic_dir, sha256_file, write_json
 from fin_tasks.config import Params
 from fin_tasks.evaluate import RANKING
+from fin_tasks.layout import Layout
 from fin_tasks.tasks import task_from_config
 
 # Published results on the official test sets (../shared/CHALLENGE.md): references only.
@@ -40,15 +41,15 @@ COLUMNS = {
 }
 
 
-def leaderboard_rows(params: Params, root: Path) -> list[dict[str, Any]]:
+def leaderboard_rows(params: Params, layout: Layout) -> list[dict[str, Any]]:
     """One row per (run, variant, split) that was scored."""
     rows = []
     for run, spec in params.train.runs.items():
-        evaluation = json.loads((root / "evaluate" / run / "metrics.json").read_text())
-        training = json.loads((root / "train" / run / "metrics.json").read_text())
+        evaluation = json.loads((layout.evaluation(run) / "metrics.json").read_text())
+        training = json.loads((layout.trained(run) / "metrics.json").read_text())
         task = task_from_config(spec.task, params.tasks[spec.task])
-        manifest = json.loads((root / "prepare" / spec.task / "manifest.json").read_text())
-        adapter = root / "train" / run / "adapter" / "adapter_model.safetensors"
+        manifest = json.loads((layout.prepared(spec.task) / "manifest.json").read_text())
+        adapter = layout.trained(run) / "adapter" / "adapter_model.safetensors"
         for variant, splits in evaluation["metrics"].items():
             for split, metrics in splits.items():
                 key = RANKING[task.kind]
@@ -71,10 +72,11 @@ def leaderboard_rows(params: Params, root: Path) -> list[dict[str, Any]]:
 
 def build_report(params: Params, root: str | Path, out_dir: str | Path) -> list[dict[str, Any]]:
     """Write leaderboard.md, leaderboard.csv and leaderboard.json into `out_dir`."""
-    root = Path(root)
-    rows = leaderboard_rows(params, root)
-    submissions = {p.parent.name: json.loads(p.read_text())
-                   for p in sorted((root / "submit").glob("*/validation.json"))}
+    layout = Layout(Path(root))
+    rows = leaderboard_rows(params, layout)
+    submissions = {task: json.loads((layout.submission(task) / "validation.json").read_text())
+                   for task in sorted(params.submit.tasks)
+                   if (layout.submission(task) / "validation.json").exists()}
     with atomic_dir(out_dir) as scratch:
         fields = list(dict.fromkeys(k for row in rows for k in row))
         with (scratch / "leaderboard.csv").open("w", newline="", encoding="utf-8") as handle:

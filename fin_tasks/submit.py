@@ -25,6 +25,7 @@ import torch
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
 from fin_tasks.evaluate import RANKING
+from fin_tasks.layout import Layout
 from fin_tasks.metrics import MISSING
 from fin_tasks.models import BaseRef, load_tokenizer, read_base_ref
 from fin_tasks.predict import load_variant
@@ -37,7 +38,7 @@ class SubmissionError(ValueError):
     """A bundle that would be refused by the organizers; nothing is written."""
 
 
-def choose(task_name: str, params: Params, evaluate_root: Path) -> tuple[str, str, float]:
+def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, float]:
     """The (run, variant) a task submits, and its validation score."""
     choice = params.submit.tasks[task_name]
     task = task_from_config(task_name, params.tasks[task_name])
@@ -49,7 +50,7 @@ def choose(task_name: str, params: Params, evaluate_root: Path) -> tuple[str, st
         baseline = params.models[spec.model].kind in BASELINE_KINDS
         if choice.run == "auto" and baseline and not choice.include_baselines:
             continue
-        metrics = json.loads((evaluate_root / run / "metrics.json").read_text())["metrics"]
+        metrics = json.loads((layout.evaluation(run) / "metrics.json").read_text())["metrics"]
         for variant, splits in metrics.items():
             if choice.variant in ("auto", variant) and "valid" in splits:
                 candidates.append((splits["valid"][key], run, variant))
@@ -126,29 +127,29 @@ def leakage_test(model: Any, tokenizer: Any, train: Sequence[dict[str, Any]],
 def submit_task(task_name: str, params: Params, root: str | Path,
                 out_dir: str | Path) -> dict[str, Any]:
     """Build and validate the submission bundle of one task under `out_dir`."""
-    root = Path(root)
+    layout = Layout(Path(root))
     task = task_from_config(task_name, params.tasks[task_name])
-    run, variant, valid_score = choose(task_name, params, root / "evaluate")
+    run, variant, valid_score = choose(task_name, params, layout)
     spec = params.train.runs[run]
     config = params.models[spec.model]
-    test = read_jsonl(root / "prepare" / task_name / "test.jsonl")
-    by_id = {p["id"]: p for p in read_jsonl(root / "predict" / run / variant / "test.jsonl")}
+    test = read_jsonl(layout.prepared(task_name) / "test.jsonl")
+    by_id = {p["id"]: p for p in read_jsonl(layout.predictions(run) / variant / "test.jsonl")}
     predictions = [by_id[t["id"]] for t in test if t["id"] in by_id]
     report = validate_bundle(task, test, list(by_id.values()))
-    train_dir, base_dir = root / "train" / run, root / "base" / spec.model
+    train_dir, base_dir = layout.trained(run), layout.base(spec.model)
     model = None
     if config.kind == "causal" and params.submit.leakage_rows:
         model = load_variant(variant, config, task.labels, base_dir, train_dir)
         tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
-        report["leakage"] = leakage_test(model, tokenizer,
-                                         read_jsonl(root / "prepare" / task_name / "train.jsonl"),
-                                         test, params.submit.leakage_rows)
-    evaluation = json.loads((root / "evaluate" / run / "metrics.json").read_text())
+        train = read_jsonl(layout.prepared(task_name) / "train.jsonl")
+        report["leakage"] = leakage_test(model, tokenizer, train, test,
+                                         params.submit.leakage_rows)
+    evaluation = json.loads((layout.evaluation(run) / "metrics.json").read_text())
     with atomic_dir(out_dir) as scratch:
         _write_predictions(scratch / "predictions.csv", predictions, task)
         bundled = _bundle_model(scratch / "model", params, run, variant, base_dir, train_dir,
                                 model, task.labels)
-        card = model_card(task_name, params, run, variant, evaluation, report, bundled, root)
+        card = model_card(task_name, params, run, variant, evaluation, report, bundled, layout)
         (scratch / "MODEL_CARD.md").write_text(card, encoding="utf-8")
         report |= {"task": task_name, "run": run, "variant": variant,
                    "valid_" + RANKING[task.kind]: valid_score,
@@ -200,11 +201,11 @@ def _bundle_model(target: Path, params: Params, run: str, variant: str, base_dir
 
 def model_card(task_name: str, params: Params, run: str, variant: str,
                evaluation: dict[str, Any], report: dict[str, Any], bundled: dict[str, Any],
-               root: Path) -> str:
+               layout: Layout) -> str:
     """A Markdown model card: data, method and scores of the submitted model."""
     spec = params.train.runs[run]
     config = params.models[spec.model]
-    manifest = json.loads((root / "prepare" / task_name / "manifest.json").read_text())
+    manifest = json.loads((layout.prepared(task_name) / "manifest.json").read_text())
     lines = [f"# {task_name}: {run} ({variant})", "", "## Data", ""]
     for split, info in manifest["splits"].items():
         lines.append(f"- {split}: {info['rows']} rows ({info['origin']}); labels "
