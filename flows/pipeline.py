@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect import flow, task
 
 from fin_tasks.config import load_params
+from fin_tasks.layout import Layout
 from fin_tasks.prepare import prepare_task
 
 
@@ -19,7 +20,7 @@ def prepare(name: str, params_path: str, out_dir: str) -> dict:
     """Prepare one task's splits (fin_tasks.prepare.prepare_task)."""
     params = load_params(params_path)
     return prepare_task(name, params.tasks[name], params.prepare,
-                        Path(out_dir) / "prepare" / name)
+                        Layout(Path(out_dir)).prepared(name))
 
 
 @flow(name="fin-tasks", log_prints=True)
