@@ -152,20 +152,22 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
 
 
 def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
-                records: Sequence[dict[str, Any]], settings: PredictConfig,
+                records: Sequence[dict[str, Any]], settings: PredictConfig, max_length: int,
                 ) -> list[dict[str, Any]]:
-    """Raw output and parsed label for each record, in input order."""
+    """Raw output and parsed label for each record, in input order. Encoders see their
+    text cut at the training run's `max_length`, as in training."""
     if config.kind == "encoder":
-        examples = encode_encoder([r | {"gold": 0} for r in records], tokenizer, 512)
+        examples = encode_encoder(records, tokenizer, max_length)
         classes = classify(model, examples, settings.batch_size, tokenizer.pad_token_id,
                            next(model.parameters()).device)
         return [{"output": task.labels[c], "label": task.labels[c]} for c in classes]
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
     if task.labels and settings.mode == "score":
-        scores = score_choices(model, tokenizer, prompts, task.labels, settings.batch_size)
-        return [{"output": task.labels[max(range(len(s)), key=s.__getitem__)],
-                 "label": task.labels[max(range(len(s)), key=s.__getitem__)],
-                 "scores": [round(x, 4) for x in s]} for s in scores]
+        rows = []
+        for scores in score_choices(model, tokenizer, prompts, task.labels, settings.batch_size):
+            best = task.labels[max(range(len(scores)), key=scores.__getitem__)]
+            rows.append({"output": best, "label": best, "scores": [round(x, 4) for x in scores]})
+        return rows
     texts = generate(model, tokenizer, prompts, task.max_new_tokens, settings.batch_size)
     return [{"output": text, "label": parse(task, text)} for text in texts]
 
@@ -197,7 +199,8 @@ def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: st
                             else None, "variants": {}}
     with atomic_dir(out_dir) as scratch:
         for variant in variants_for(config, settings):
-            predictor = _predictor(variant, task, config, base_dir, train_dir, settings)
+            predictor = _predictor(variant, task, config, base_dir, train_dir, settings,
+                                   params.train.hyper(run).max_length)
             info["variants"][variant] = {}
             for split, records in splits.items():
                 started = time.perf_counter()
@@ -218,7 +221,8 @@ def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: st
 
 
 def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, train_dir: Path,
-               settings: PredictConfig) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
+               settings: PredictConfig, max_length: int,
+               ) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
     """A function from records to outputs, with its model loaded once."""
     if variant == "baseline":
         fitted = json.loads((train_dir / "baseline.json").read_text(encoding="utf-8"))
@@ -228,4 +232,5 @@ def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, tr
     tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
-    return lambda records: outputs_for(task, config, model, tokenizer, records, settings)
+    return lambda records: outputs_for(task, config, model, tokenizer, records, settings,
+                                       max_length)

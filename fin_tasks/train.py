@@ -82,9 +82,10 @@ def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length:
 
 def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
                    max_length: int) -> list[Example]:
-    """Text tokens and the gold class index."""
+    """Text tokens and the gold class index (IGNORE for an unlabeled record)."""
     encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
-    return [Example(ids, int(r["gold"])) for ids, r in zip(encoded["input_ids"], records)]
+    return [Example(ids, IGNORE if r.get("gold") is None else int(r["gold"]))
+            for ids, r in zip(encoded["input_ids"], records)]
 
 
 def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfig,
@@ -242,8 +243,8 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     device = device_for(config)
-    train_set = encode(_labeled(prepared_dir / "train.jsonl"), tokenizer, config, hyper.max_length)
-    valid_set = encode(_labeled(prepared_dir / "valid.jsonl"), tokenizer, config, hyper.max_length)
+    train_set, valid_set = (encode(_labeled_records(prepared_dir / f"{split}.jsonl"), tokenizer,
+                                   config, hyper.max_length) for split in ("train", "valid"))
     loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config)
     progress = loop.resume(checkpoint_dir)
     loop.run(progress, checkpoint_dir, on_step)
@@ -272,7 +273,8 @@ def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
     """A baseline 'trains' by reading the train split (majority) or not at all (lead)."""
     spec = params.train.runs[run]
     started = time.perf_counter()
-    fitted = baselines.fit(params.models[spec.model], task, _labeled(prepared_dir / "train.jsonl"))
+    fitted = baselines.fit(params.models[spec.model], task,
+                           _labeled_records(prepared_dir / "train.jsonl"))
     metrics = {"run": run, "model": spec.model, "task": spec.task, "steps": 0,
                "wall_s": round(time.perf_counter() - started, 3), "peak_memory_bytes": None,
                "tokens_per_s": None, "best_valid": None, "baseline": fitted}
@@ -289,7 +291,7 @@ def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
     return metrics
 
 
-def _labeled(path: Path) -> list[dict[str, Any]]:
+def _labeled_records(path: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(path) if r.get("answer") is not None]
 
 
