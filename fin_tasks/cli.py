@@ -15,6 +15,29 @@ from fin_tasks.errors import ConfigError, DataError, ModelError
 log = logging.getLogger("fin_tasks")
 
 
+def _corpus(args: argparse.Namespace) -> None:
+    from fin_tasks.corpus import build_corpus
+
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.corpus, params.corpus, args.params, "corpus"):
+        manifest = build_corpus(name, params.corpus[name], layout.corpus(name))
+        print(f"corpus {name}: {manifest['documents']} documents, {manifest['chunks']} chunks, "
+              f"dropped {manifest['dropped'] or 'nothing'} -> {layout.corpus(name)}")
+
+
+def _questions(args: argparse.Namespace) -> None:
+    from fin_tasks.questions import build_questions
+
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.questions, params.questions, args.params, "question set"):
+        config = params.questions[name]
+        manifest = build_questions(name, config, layout.corpus(config.corpus),
+                                   layout.questions(name))
+        print(f"questions {name}: {manifest['built']} ({manifest['numeric']} numeric, "
+              f"{manifest['non_numeric']} term), splits {manifest['splits']} "
+              f"-> {layout.questions(name)}")
+
+
 def _prepare(args: argparse.Namespace) -> None:
     from fin_tasks.prepare import prepare_task
 
@@ -54,9 +77,40 @@ def _train(args: argparse.Namespace) -> None:
               f"{metrics['best_valid']} -> {layout.trained(name)}")
 
 
-def _predict(args: argparse.Namespace) -> None:
-    from fin_tasks.predict import predict_run
+def _merge(args: argparse.Namespace) -> None:
+    from fin_tasks.merge import merge_adapters
 
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.merge, params.merge, args.params, "merge"):
+        merge = params.merge[name]
+        model = params.train.runs[merge.adapters[0]].model
+        record = merge_adapters(name, params, layout.base(model), layout.root / "train",
+                                layout.prepared(merge.evaluate_on), layout.merged(name))
+        check = record["check"]
+        print(f"merge {name} ({merge.method}): max logit difference {check['max_abs_diff']:.3g} "
+              f"vs unmerged (limit {check['limit']}) -> {layout.merged(name)}")
+
+
+def _merges(args: argparse.Namespace) -> list[str]:
+    """Merges named with --merge (predict/evaluate then handle no train run)."""
+    if not args.merge:
+        return []
+    return _selected(args.merge, load_params(args.params).merge, args.params, "merge")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from fin_tasks.predict import predict_merge, predict_run
+
+    for name in _merges(args):
+        params, layout = load_params(args.params), Layout(Path(args.out_dir))
+        merge = params.merge[name]
+        model = params.train.runs[merge.adapters[0]].model
+        info = predict_merge(name, params, layout.prepared(merge.evaluate_on), layout.base(model),
+                             layout.root / "train", layout.merged(name),
+                             layout.predictions(name))
+        print(f"predict {name}: {', '.join(info['variants'])} -> {layout.predictions(name)}")
+    if args.merge and not args.run:
+        return
     for params, name, spec, layout in _runs(args):
         info = predict_run(name, params, layout.prepared(spec.task), layout.base(spec.model),
                            layout.trained(name), layout.predictions(name))
@@ -64,16 +118,28 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from fin_tasks.evaluate import evaluate_run
+    from fin_tasks.evaluate import evaluate_merge, evaluate_run
 
+    for name in _merges(args):
+        params, layout = load_params(args.params), Layout(Path(args.out_dir))
+        result = evaluate_merge(name, params, layout.prepared(params.merge[name].evaluate_on),
+                                layout.merged(name), layout.predictions(name),
+                                layout.evaluation(name), plots_dir=layout.plots("evaluate", name))
+        _print_evaluation(name, result, layout.evaluation(name))
+    if args.merge and not args.run:
+        return
     for params, name, spec, layout in _runs(args):
         result = evaluate_run(name, params, layout.prepared(spec.task), layout.predictions(name),
                               layout.evaluation(name), plots_dir=layout.plots("evaluate", name))
-        key = result["ranking_metric"]
-        summary = ", ".join(f"{variant}/{split} {key} {m[key]:.4f}"
-                            for variant, splits in result["metrics"].items()
-                            for split, m in splits.items())
-        print(f"evaluate {name}: {summary or 'no labeled split'} -> {layout.evaluation(name)}")
+        _print_evaluation(name, result, layout.evaluation(name))
+
+
+def _print_evaluation(name: str, result: dict, out: Path) -> None:
+    key = result["ranking_metric"]
+    summary = ", ".join(f"{variant}/{split} {key} {m[key]:.4f}"
+                        for variant, splits in result["metrics"].items()
+                        for split, m in splits.items())
+    print(f"evaluate {name}: {summary or 'no labeled split'} -> {out}")
 
 
 def _submit(args: argparse.Namespace) -> None:
@@ -111,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fin-tasks", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     verbs = parser.add_subparsers(dest="verb", required=True)
+    corpus = verbs.add_parser("corpus", help="clean, deduplicate and chunk a text corpus")
+    corpus.add_argument("--corpus", action="append", help="corpus name (repeatable; default all)")
+    questions = verbs.add_parser("questions",
+                                 help="build numeric multiple-choice questions from a corpus")
+    questions.add_argument("--questions", action="append",
+                           help="question set name (repeatable; default all)")
     prepare = verbs.add_parser("prepare", help="validate raw data into prepared splits")
     prepare.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
     prepare.add_argument("--task", action="append", help="task name (repeatable; default all)")
@@ -124,12 +196,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="root of resumable checkpoints (kept until a run completes)")
     predict = verbs.add_parser("predict", help="predict valid/test with each model variant")
     evaluate = verbs.add_parser("evaluate", help="score predictions as the organizers do")
+    merge = verbs.add_parser("merge", help="merge adapters into their base, checked")
+    merge.add_argument("--merge", action="append", help="merge name (repeatable; default all)")
     for sub in (predict, evaluate):
-        sub.add_argument("--run", action="append", help="run name (repeatable; default all)")
+        sub.add_argument("--run", action="append", help="run name (repeatable; default all "
+                         "runs unless --merge is given)")
+        sub.add_argument("--merge", action="append",
+                         help="a merge's comparison: base, base + each adapter, merged")
     submit = verbs.add_parser("submit", help="build and validate a submission bundle per task")
     submit.add_argument("--task", action="append", help="task name (repeatable; default all)")
     report = verbs.add_parser("report", help="write the leaderboard (Markdown and CSV)")
-    for sub, handler in ((base, _base), (train, _train), (predict, _predict),
+    for sub, handler in ((corpus, _corpus), (questions, _questions), (base, _base),
+                         (train, _train), (merge, _merge), (predict, _predict),
                          (evaluate, _evaluate), (submit, _submit), (report, _report)):
         sub.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
         sub.add_argument("--out-dir", default="outputs", help="root of stage outputs")

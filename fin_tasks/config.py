@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fin_tasks.errors import ConfigError
 
-TaskType = Literal["finarg_ecc", "edtsum", "fineval", "classification", "summarization"]
+TaskType = Literal["finarg_ecc", "edtsum", "fineval", "classification", "summarization",
+                   "corpus"]
 GENERIC_TYPES = ("classification", "summarization")
 
 
@@ -52,7 +53,8 @@ class TaskConfig(Strict):
     """One task: a built-in description, or a generic one defined entirely here."""
 
     type: TaskType
-    """A built-in description (finarg_ecc, edtsum, fineval) or a generic one."""
+    """A built-in description (finarg_ecc, edtsum, fineval), a generic one, or `corpus`
+    (chunks of plain text from the `corpus` stage, learned on every token)."""
     data: str
     """Folder or file holding the raw splits (a DVC dependency), or `hub:<dataset id>`."""
     splits: Splits
@@ -81,6 +83,39 @@ class TaskConfig(Strict):
         if self.revision and not self.data.startswith("hub:"):
             raise ValueError("'revision' applies only to a 'hub:<dataset id>' data source")
         return self
+
+
+class CorpusConfig(Strict):
+    """One plain-text corpus for continual pre-training (the `corpus` stage)."""
+
+    data: str
+    """A folder of `.txt` / `.md` files, or a JSONL file with one text per line."""
+    text_field: str = "text"
+    """JSONL field holding the text."""
+    min_chars: int = Field(12, ge=1)
+    """Paragraphs shorter than this (headings, page numbers) are dropped."""
+    chunk_chars: int = Field(600, ge=64)
+    """Longest chunk, in characters; chunks end at paragraph or sentence boundaries. The
+    `train` stage cuts chunks longer than the run's `max_length` tokens into windows."""
+
+
+class QuestionsConfig(Strict):
+    """Numeric-sensitive multiple-choice questions built from a corpus (the `questions`
+    stage), written in the FinEval layout."""
+
+    corpus: str
+    """Name of an entry in `corpus`."""
+    count: int = Field(200, gt=0)
+    """Questions to build (fewer, in the same proportion, when the corpus has too few
+    sentences; the manifest says how many)."""
+    non_numeric_share: float = Field(0.25, ge=0, le=1)
+    """Share of questions that mask a term rather than a number."""
+    held_out_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of questions written as the `val` file (FinEval's evaluation split)."""
+    subject: str = "textbook"
+    """Subject name (the CSV file name, as in FinEval)."""
+    seed: int = 13
+    """Seed of sentence choice, distractors and option order."""
 
 
 class PrepareConfig(Strict):
@@ -333,11 +368,64 @@ class SubmitConfig(Strict):
     """Rows of train and of test for the data leakage test (0: skip it)."""
 
 
+MERGE_METHODS = ("sequential", "linear", "cat", "svd", "ties", "dare_ties")
+EXACT_MERGES = ("sequential", "cat")
+
+
+class MergeConfig(Strict):
+    """Merging trained LoRA adapters into their base (the `merge` stage)."""
+
+    adapters: tuple[str, ...] = Field(min_length=1)
+    """Train runs whose adapters are merged, in order; all on the same base."""
+    method: Literal["sequential", "linear", "cat", "svd", "ties", "dare_ties"] = "sequential"
+    """sequential: merge_and_unload each adapter in turn; linear, cat, svd, ties, dare_ties:
+    peft's add_weighted_adapter, then one merge. sequential and cat are exact."""
+    weights: tuple[float, ...] | None = None
+    """Weight of each adapter's update (default: 1 each)."""
+    density: float | None = Field(None, gt=0, le=1)
+    """Share of values kept by ties / dare_ties (required for them)."""
+    svd_rank: int | None = Field(None, gt=0)
+    """Rank of an svd merge (default: the largest adapter rank)."""
+    tolerance: float = Field(1e-4, gt=0)
+    """Largest logit difference an exact merge may show against the unmerged adapters."""
+    max_error: float | None = Field(None, gt=0)
+    """Largest logit difference accepted from an approximate merge (None: report only)."""
+    probe_rows: int = Field(8, gt=0)
+    """Rows of `evaluate_on`'s valid split in the probe batch of the merge check."""
+    evaluate_on: str
+    """Task on which the base, each adapter and the merged model are compared."""
+    requantize: bool = True
+    """Load the merged model with its base's quantization for evaluation (False: plain)."""
+    mode: Literal["generate", "score"] | None = None
+    """How the comparison answers a choice task (None: `predict.mode`); `score` reads each
+    option's log-likelihood, which never yields "missing" even from a weak model."""
+
+    @model_validator(mode="after")
+    def _method_settings(self) -> MergeConfig:
+        if self.weights is not None and len(self.weights) != len(self.adapters):
+            raise ValueError(f"weights has {len(self.weights)} values for "
+                             f"{len(self.adapters)} adapters")
+        if self.method in ("ties", "dare_ties") and self.density is None:
+            raise ValueError(f"method '{self.method}' needs a density (share of values kept)")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ValueError("an adapter is listed twice")
+        return self
+
+    @property
+    def adapter_weights(self) -> tuple[float, ...]:
+        """The weight of each adapter (1 when not given)."""
+        return self.weights or (1.0,) * len(self.adapters)
+
+
 class Params(Strict):
     """The whole params.yaml."""
 
     tasks: dict[str, TaskConfig]
     """Every task the pipeline knows, by name."""
+    corpus: dict[str, CorpusConfig] = {}
+    """Plain-text corpora for continual pre-training, by name (the `corpus` stage)."""
+    questions: dict[str, QuestionsConfig] = {}
+    """Multiple-choice question sets built from corpora, by name (the `questions` stage)."""
     prepare: PrepareConfig = PrepareConfig()
     """Settings of the `prepare` stage."""
     models: dict[str, ModelConfig] = {}
@@ -350,6 +438,8 @@ class Params(Strict):
     """Settings of the `evaluate` stage."""
     submit: SubmitConfig = SubmitConfig()
     """Settings of the `submit` stage."""
+    merge: dict[str, MergeConfig] = {}
+    """Adapter merges, by name (the `merge` stage); names distinct from train runs."""
 
     @model_validator(mode="after")
     def _runs_name_known_entries(self) -> Params:
@@ -363,11 +453,39 @@ class Params(Strict):
         for task in self.submit.tasks:
             if task not in self.tasks:
                 raise ValueError(f"submit.tasks: unknown task '{task}'")
+            if self.tasks[task].type == "corpus":
+                raise ValueError(f"submit.tasks: '{task}' is a corpus; there is nothing to submit")
+        for name, questions in self.questions.items():
+            if questions.corpus not in self.corpus:
+                raise ValueError(f"questions.{name}.corpus '{questions.corpus}' is not in "
+                                 f"corpus ({', '.join(self.corpus) or 'none defined'})")
+        for name, merge in self.merge.items():
+            self._check_merge(name, merge)
         for name, model in self.models.items():
             for task in model.tiny.tokenizer_tasks if model.tiny else ():
                 if task not in self.tasks:
                     raise ValueError(f"models.{name}.tiny.tokenizer_tasks: unknown task '{task}'")
         return self
+
+
+    def _check_merge(self, name: str, merge: MergeConfig) -> None:
+        if name in self.train.runs:
+            raise ValueError(f"merge.{name}: a train run has the same name (outputs would clash)")
+        if merge.evaluate_on not in self.tasks:
+            raise ValueError(f"merge.{name}.evaluate_on: unknown task '{merge.evaluate_on}'")
+        sources = set()
+        for run in merge.adapters:
+            if run not in self.train.runs:
+                raise ValueError(f"merge.{name}.adapters: unknown train run '{run}'")
+            model = self.models[self.train.runs[run].model]
+            if model.kind != "causal" or model.lora is None:
+                raise ValueError(f"merge.{name}.adapters: run '{run}' has no LoRA adapter to "
+                                 f"merge (model kind {model.kind}, lora {model.lora})")
+            sources.add((model.source, model.revision, model.tiny))
+        if len(sources) > 1:
+            raise ValueError(f"merge.{name}: the adapters were trained on different bases "
+                             f"({', '.join(self.train.runs[r].model for r in merge.adapters)}); "
+                             "only adapters of one base can be merged into it")
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

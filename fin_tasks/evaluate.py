@@ -3,13 +3,15 @@
 Classification: accuracy, weighted F1 (the ranking metric), macro F1, MCC, missing rate,
 a confusion matrix. Summarization: ROUGE-1/2/L (ranking: ROUGE-1), BERTScore F1, length
 statistics. Multiple choice (FinEval): accuracy overall, per subject, and for questions with
-and without numeric content. The ranking metric gets a bootstrap 95% interval.
+and without numeric content. A corpus: held-out perplexity (lower is better). The ranking metric gets a bootstrap 95% interval.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +27,38 @@ from fin_tasks.tasks import Task, task_from_config
 log = logging.getLogger(__name__)
 
 RANKING = {"classification": "f1_weighted", "multiple_choice": "accuracy",
-           "summarization": "rouge1"}
+           "summarization": "rouge1", "corpus": "perplexity"}
+LOWER_IS_BETTER = {"perplexity"}
 
 
 def evaluate_run(run: str, params: Params, prepared_dir: str | Path, predict_dir: str | Path,
                  out_dir: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score every variant's predictions on every labeled split; write metrics.json."""
-    spec, settings = params.train.runs[run], params.evaluate
-    task = task_from_config(spec.task, params.tasks[spec.task])
+    """Score every variant's predictions of one train run; write metrics.json."""
+    spec = params.train.runs[run]
+    return evaluate_predictions({"run": run, "task": spec.task, "model": spec.model}, params,
+                                prepared_dir, predict_dir, out_dir, plots_dir)
+
+
+def evaluate_merge(name: str, params: Params, prepared_dir: str | Path, merge_dir: str | Path,
+                   predict_dir: str | Path, out_dir: str | Path,
+                   plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score a merge's comparison (base, base + each adapter, merged) on its task; the
+    merge's own check (merged vs unmerged logits) is carried into metrics.json."""
+    merge = params.merge[name]
+    model = params.train.runs[merge.adapters[0]].model
+    record = json.loads((Path(merge_dir) / "merge.json").read_text(encoding="utf-8"))
+    return evaluate_predictions({"merge": name, "task": merge.evaluate_on, "model": model,
+                                 "method": merge.method, "merge_check": record["check"]},
+                                params, prepared_dir, predict_dir, out_dir, plots_dir)
+
+
+def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str | Path,
+                         predict_dir: str | Path, out_dir: str | Path,
+                         plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score every `<variant>/<split>.jsonl` under `predict_dir` on `info["task"]`'s labeled
+    splits; write metrics.json (and confusion matrices for `dvc plots`)."""
+    settings = params.evaluate
+    task = task_from_config(info["task"], params.tasks[info["task"]])
     prepared_dir, predict_dir = Path(prepared_dir), Path(predict_dir)
     metrics: dict[str, Any] = {}
     confusions: dict[str, list[dict[str, str]]] = {}
@@ -40,7 +66,7 @@ def evaluate_run(run: str, params: Params, prepared_dir: str | Path, predict_dir
         for predictions_file in sorted(variant_dir.glob("*.jsonl")):
             split = predictions_file.stem
             gold = {r["id"]: r for r in read_jsonl(prepared_dir / f"{split}.jsonl")}
-            if any(r.get("answer") is None for r in gold.values()):
+            if task.kind != "corpus" and any(r.get("answer") is None for r in gold.values()):
                 continue  # an unlabeled split (an official test set) has nothing to score
             rows = read_jsonl(predictions_file)
             scored = score(task, [gold[r["id"]] for r in rows], rows, settings)
@@ -48,10 +74,11 @@ def evaluate_run(run: str, params: Params, prepared_dir: str | Path, predict_dir
             if task.labels:
                 confusions[f"{variant_dir.name}_{split}"] = [
                     {"actual": gold[r["id"]]["answer"], "predicted": r["label"]} for r in rows]
-    result = {"run": run, "task": spec.task, "model": spec.model,
-              "ranking_metric": RANKING[task.kind], "metrics": metrics,
-              "predictions": {str(p.relative_to(predict_dir)): sha256_file(p)
-                              for p in sorted(predict_dir.rglob("*.jsonl"))}}
+    result = info | {"ranking_metric": RANKING[task.kind],
+                     "higher_is_better": RANKING[task.kind] not in LOWER_IS_BETTER,
+                     "metrics": metrics,
+                     "predictions": {str(p.relative_to(predict_dir)): sha256_file(p)
+                                     for p in sorted(predict_dir.rglob("*.jsonl"))}}
     with atomic_dir(out_dir) as scratch:
         write_json(scratch / "metrics.json", result)
     if plots_dir is not None:
@@ -66,6 +93,8 @@ def score(task: Task, gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     """Metrics of one prediction file against its gold records (same order)."""
     if task.kind == "summarization":
         return _summarization(gold, rows, settings)
+    if task.kind == "corpus":
+        return _perplexity(rows, settings)
     golds = [g["answer"] for g in gold]
     preds = [r["label"] for r in rows]
     result: dict[str, Any] = classification_metrics(golds, preds) | {"rows": len(rows)}
@@ -91,6 +120,19 @@ def _by_group(gold: Sequence[dict[str, Any]], golds: list[str], preds: list[str]
         "accuracy_by_subject": {s: float(correct[subjects == s].mean())
                                 for s in sorted(set(subjects))},
     }
+
+
+def _perplexity(rows: Sequence[dict[str, Any]], settings: EvaluateConfig) -> dict[str, Any]:
+    """Held-out perplexity over all predicted tokens (exp of the mean token loss)."""
+    pairs = [(r["nll"], r["tokens"]) for r in rows]
+
+    def perplexity(sample: Sequence[tuple[float, int]]) -> float:
+        return math.exp(sum(n for n, _ in sample) / max(sum(t for _, t in sample), 1))
+
+    tokens = sum(t for _, t in pairs)
+    return {"perplexity": perplexity(pairs), "loss": sum(n for n, _ in pairs) / max(tokens, 1),
+            "tokens": tokens, "rows": len(rows),
+            "perplexity_ci95": bootstrap_ci(pairs, perplexity, settings.bootstrap, settings.seed)}
 
 
 def _summarization(gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],

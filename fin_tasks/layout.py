@@ -12,6 +12,12 @@ class Layout:
 
     root: Path = Path("outputs")
 
+    def corpus(self, name: str) -> Path:
+        return self.root / "corpus" / name
+
+    def questions(self, name: str) -> Path:
+        return self.root / "questions" / name
+
     def prepared(self, task: str) -> Path:
         return self.root / "prepare" / task
 
@@ -21,11 +27,15 @@ class Layout:
     def trained(self, run: str) -> Path:
         return self.root / "train" / run
 
-    def predictions(self, run: str) -> Path:
-        return self.root / "predict" / run
+    def merged(self, name: str) -> Path:
+        return self.root / "merge" / name
 
-    def evaluation(self, run: str) -> Path:
-        return self.root / "evaluate" / run
+    def predictions(self, key: str) -> Path:
+        """Predictions of a train run, or of a merge's comparison (names never clash)."""
+        return self.root / "predict" / key
+
+    def evaluation(self, key: str) -> Path:
+        return self.root / "evaluate" / key
 
     def plots(self, stage: str, run: str) -> Path:
         return self.root / "plots" / stage / run

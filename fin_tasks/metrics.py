@@ -10,6 +10,7 @@ Summarization: ROUGE-1/2/L F-measure from rouge-score without stemming.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,14 +46,17 @@ def classification_metrics(golds: Sequence[str], preds: Sequence[str]) -> dict[s
     labels = sorted(set(golds))
     gold_array, pred_array = np.array(golds), np.array(preds)
     index = {label: i for i, label in enumerate(labels)}
+    with warnings.catch_warnings():
+        # one class in gold and predictions (small bootstrap resamples): MCC is 0, as defined
+        warnings.filterwarnings("ignore", message="A single label was found")
+        mcc = float(matthews_corrcoef([index[g] for g in golds], [index.get(p, -1) for p in preds]))
     return {
         "accuracy": float(np.mean(gold_array == pred_array)),
         "f1_weighted": float(f1_score(gold_array, pred_array, average="weighted", labels=labels,
                                       zero_division=0)),
         "f1_macro": float(f1_score(gold_array, pred_array, average="macro", labels=labels,
                                    zero_division=0)),
-        "mcc": float(matthews_corrcoef([index[g] for g in golds],
-                                       [index.get(p, -1) for p in preds])),
+        "mcc": mcc,
         "missing_rate": float(np.mean(pred_array == MISSING)),
     }
 

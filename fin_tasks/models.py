@@ -61,6 +61,21 @@ def read_base_ref(base_dir: str | Path) -> BaseRef:
     return BaseRef(str(base_dir))
 
 
+def base_identity(ref: BaseRef, base_dir: str | Path) -> dict[str, Any]:
+    """What identifies a base model: its reference, and a content hash of its `base` folder
+    (the built weights and tokenizer, or the pointer naming a hub id and revision).
+    Adapters can be combined only when this hash agrees."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    base_dir = Path(base_dir)
+    for path in sorted(p for p in base_dir.rglob("*") if p.is_file() and p.name != "base.json"):
+        digest.update(str(path.relative_to(base_dir)).encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return {"name_or_path": ref.name_or_path, "revision": ref.revision,
+            "sha256": digest.hexdigest()}
+
+
 def bitsandbytes_config(quant: QuantConfig | None) -> Any:
     """A transformers BitsAndBytesConfig, after checking bitsandbytes can run here."""
     if quant is None:

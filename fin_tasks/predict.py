@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from fin_tasks.metrics import MISSING, PARSERS
 from fin_tasks.models import (BaseRef, dequantized, load_base, load_tokenizer, read_base_ref,
                               with_adapter)
 from fin_tasks.tasks import Task, task_from_config
-from fin_tasks.train import classify, encode_encoder, render_prompt
+from fin_tasks.train import (IGNORE, classify, collate, encode_corpus, encode_encoder,
+                             render_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +127,30 @@ def _continuations(model: Any, cache: Any, prompt_mask: torch.Tensor,
     return picked.sum(-1).tolist()
 
 
+@torch.no_grad()
+def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int,
+                batch_size: int = 16) -> list[tuple[float, int]]:
+    """Summed negative log-likelihood (nats) and number of predicted tokens of each record's
+    text, cut into windows of `max_length` tokens as in continual pre-training."""
+    windows = [(n, e) for n, r in enumerate(records)
+               for e in encode_corpus([r], tokenizer, max_length)]
+    order = _length_order([e.tokens for _, e in windows])
+    device = next(model.parameters()).device
+    model.eval()
+    totals = [[0.0, 0] for _ in records]
+    for start in range(0, len(order), batch_size):
+        chunk = [windows[i] for i in order[start:start + batch_size]]
+        batch = collate([e for _, e in chunk], tokenizer.pad_token_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+        for row, (n, _) in enumerate(chunk):
+            totals[n][0] += float(nll[row].sum())
+            totals[n][1] += int((labels[row] != IGNORE).sum())
+    return [(total, count) for total, count in totals]
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -154,13 +180,18 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
 def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
                 records: Sequence[dict[str, Any]], settings: PredictConfig, max_length: int,
                 ) -> list[dict[str, Any]]:
-    """Raw output and parsed label for each record, in input order. Encoders see their
-    text cut at the training run's `max_length`, as in training."""
+    """Raw output and parsed label for each record, in input order (for a corpus: the text's
+    log-likelihood). Encoders and corpora see their text cut at the training run's
+    `max_length`, as in training."""
     if config.kind == "encoder":
         examples = encode_encoder(records, tokenizer, max_length)
         classes = classify(model, examples, settings.batch_size, tokenizer.pad_token_id,
                            next(model.parameters()).device)
         return [{"output": task.labels[c], "label": task.labels[c]} for c in classes]
+    if task.kind == "corpus":
+        return [{"output": "", "label": None, "nll": round(nll, 4), "tokens": tokens}
+                for nll, tokens in text_losses(model, tokenizer, records, max_length,
+                                               settings.batch_size)]
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
     if task.labels and settings.mode == "score":
         rows = []
@@ -182,6 +213,9 @@ def predictions_schema(task: Task) -> pa.DataFrameSchema:
     columns = {"id": pa.Column(str, unique=True), "output": pa.Column(str)}
     if task.labels:
         columns["label"] = pa.Column(str, pa.Check.isin([*task.labels, MISSING]))
+    elif task.kind == "corpus":
+        columns |= {"nll": pa.Column(float, pa.Check.ge(0)),
+                    "tokens": pa.Column(int, pa.Check.ge(0))}
     else:
         columns["label"] = pa.Column(object, pa.Check(lambda s: s.isna()), nullable=True)
     return pa.DataFrameSchema(columns, strict=False)
@@ -192,15 +226,61 @@ def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: st
     """Predict every configured split with every variant of one trained run."""
     spec, settings = params.train.runs[run], params.predict
     config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
-    prepared_dir, base_dir, train_dir = Path(prepared_dir), Path(base_dir), Path(train_dir)
+    base_dir, train_dir = Path(base_dir), Path(train_dir)
+    max_length = params.train.hyper(run).max_length
+    predictors = {variant: partial(_predictor, variant, task, config, base_dir, train_dir,
+                                   settings, max_length)
+                  for variant in variants_for(config, settings)}
+    info = {"run": run, "model": spec.model, "task": spec.task}
+    return _predict_variants(info, task, config, predictors, settings, prepared_dir, out_dir)
+
+
+def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
+                  train_root: str | Path, merge_dir: str | Path,
+                  out_dir: str | Path) -> dict[str, Any]:
+    """Predict `evaluate_on` with the base alone, the base carrying each adapter (unmerged),
+    and the merged model: the comparison a merge is judged by."""
+    merge = params.merge[name]
+    settings = params.predict.model_copy(update={"mode": merge.mode or params.predict.mode})
+    first = params.train.runs[merge.adapters[0]]
+    config = params.models[first.model]
+    task = task_from_config(merge.evaluate_on, params.tasks[merge.evaluate_on])
+    base_dir, train_root, merge_dir = Path(base_dir), Path(train_root), Path(merge_dir)
+    max_length = params.train.hyper(merge.adapters[0]).max_length
+    tokenizer_dir = merge_dir / "tokenizer"
+    merged = config.model_copy(update={"quantization": config.quantization
+                                       if merge.requantize else None})
+    loaders: dict[str, Callable[[], Any]] = {
+        "base": lambda: load_base(config, read_base_ref(base_dir), task.labels)}
+    for run in merge.adapters:
+        loaders[f"+{run}"] = partial(_with_saved_adapter, config, base_dir,
+                                     train_root / run / "adapter", task.labels)
+    loaders["merged"] = lambda: load_base(merged, BaseRef(str(merge_dir / "model")), task.labels)
+    predictors = {variant: partial(_model_predictor, load, tokenizer_dir, task, config,
+                                   settings, max_length)
+                  for variant, load in loaders.items()}
+    info = {"merge": name, "model": first.model, "task": merge.evaluate_on,
+            "adapters": list(merge.adapters), "method": merge.method}
+    return _predict_variants(info, task, config, predictors, settings, prepared_dir, out_dir)
+
+
+def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path,
+                        labels: tuple[str, ...]) -> Any:
+    return with_adapter(load_base(config, read_base_ref(base_dir), labels), adapter_dir)
+
+
+def _predict_variants(info: dict[str, Any], task: Task, config: ModelConfig,
+                      predictors: dict[str, Callable[[], Callable]], settings: PredictConfig,
+                      prepared_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Run each variant's predictor (built one at a time) on every configured split and
+    write `<variant>/<split>.jsonl` plus `predict.json` into `out_dir`, atomically."""
+    prepared_dir = Path(prepared_dir)
     splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
-    info: dict[str, Any] = {"run": run, "model": spec.model, "task": spec.task,
-                            "mode": settings.mode if task.labels and config.kind == "causal"
-                            else None, "variants": {}}
+    info |= {"mode": settings.mode if task.labels and config.kind == "causal" else None,
+             "variants": {}}
     with atomic_dir(out_dir) as scratch:
-        for variant in variants_for(config, settings):
-            predictor = _predictor(variant, task, config, base_dir, train_dir, settings,
-                                   params.train.hyper(run).max_length)
+        for variant, make in predictors.items():
+            predictor = make()
             info["variants"][variant] = {}
             for split, records in splits.items():
                 started = time.perf_counter()
@@ -211,8 +291,9 @@ def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: st
                 info["variants"][variant][split] = {
                     "rows": len(rows), "seconds": round(seconds, 3),
                     "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
-                log.info("%s %s %s: %d rows, %.1f examples/s", run, variant, split, len(rows),
-                         len(rows) / max(seconds, 1e-9))
+                log.info("%s %s %s: %d rows, %.1f examples/s", info.get("run", info.get("merge")),
+                         variant, split, len(rows), len(rows) / max(seconds, 1e-9))
+            del predictor
         info |= {"settings": settings.model_dump(mode="json"),
                  "inputs": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
                  "packages": package_versions()}
@@ -228,8 +309,17 @@ def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, tr
         fitted = json.loads((train_dir / "baseline.json").read_text(encoding="utf-8"))
         return lambda records: [{"output": text, "label": parse(task, text)}
                                 for text in baselines.outputs(fitted, records)]
-    model = load_variant(variant, config, task.labels, base_dir, train_dir)
-    tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
+    return _model_predictor(partial(load_variant, variant, config, task.labels, base_dir,
+                                    train_dir),
+                            train_dir / "tokenizer", task, config, settings, max_length)
+
+
+def _model_predictor(load: Callable[[], Any], tokenizer_dir: Path, task: Task,
+                     config: ModelConfig, settings: PredictConfig, max_length: int,
+                     ) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
+    """A function from records to outputs, with the model `load` returns loaded once."""
+    model = load()
+    tokenizer = load_tokenizer(BaseRef(str(tokenizer_dir)))
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     return lambda records: outputs_for(task, config, model, tokenizer, records, settings,

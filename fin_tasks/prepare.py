@@ -39,7 +39,8 @@ def prepare_task(name: str, config: TaskConfig, settings: PrepareConfig,
     for split, fraction in (("test", settings.test_fraction), ("valid", settings.valid_fraction)):
         if split not in frames:
             frames["train"], frames[split] = carve(frames["train"], fraction, settings.seed,
-                                                   stratify=bool(task.labels))
+                                                   stratify=bool(task.labels),
+                                                   unlabeled=task.kind == "corpus")
             origin[split] = f"carved from train ({fraction:.0%}, seed {settings.seed})"
     frames = {split: frames[split] for split in SPLITS}
     leakage, dropped = check_leakage(frames, settings.on_leakage)
@@ -112,9 +113,10 @@ def _labeled(frame: pd.DataFrame) -> bool:
 
 
 def carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool,
-          ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Split off `fraction` of rows (per label when stratified), reproducibly for a seed."""
-    if not _labeled(frame):
+          unlabeled: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split off `fraction` of rows (per label when stratified), reproducibly for a seed.
+    Only a corpus (`unlabeled`: plain text has no labels) may be carved without labels."""
+    if not unlabeled and not _labeled(frame):
         raise DataError(frame["_source"].iloc[0], None, None,
                         "cannot carve a split from unlabeled rows", "a labeled train split")
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, sha256_file, write_json
 from fin_tasks.config import Params
-from fin_tasks.evaluate import RANKING
+from fin_tasks.evaluate import LOWER_IS_BETTER, RANKING
 from fin_tasks.layout import Layout
 from fin_tasks.tasks import task_from_config
 
@@ -38,36 +38,51 @@ COLUMNS = {
     "classification": ["accuracy", "f1_weighted", "f1_macro", "mcc", "missing_rate"],
     "multiple_choice": ["accuracy", "accuracy_numeric", "accuracy_non_numeric", "missing_rate"],
     "summarization": ["rouge1", "rouge2", "rougeL", "bertscore_f1", "words_mean"],
+    "corpus": ["perplexity", "loss", "tokens"],
 }
 
 
 def leaderboard_rows(params: Params, layout: Layout) -> list[dict[str, Any]]:
-    """One row per (run, variant, split) that was scored."""
+    """One row per (run or merge, variant, split) that was scored, best first."""
     rows = []
     for run, spec in params.train.runs.items():
-        evaluation = json.loads((layout.evaluation(run) / "metrics.json").read_text())
         training = json.loads((layout.trained(run) / "metrics.json").read_text())
-        task = task_from_config(spec.task, params.tasks[spec.task])
-        manifest = json.loads((layout.prepared(spec.task) / "manifest.json").read_text())
         adapter = layout.trained(run) / "adapter" / "adapter_model.safetensors"
-        for variant, splits in evaluation["metrics"].items():
-            for split, metrics in splits.items():
-                key = RANKING[task.kind]
-                ci = metrics.get(f"{key}_ci95")
-                rows.append({
-                    "task": spec.task, "kind": task.kind, "run": run, "model": spec.model,
-                    "variant": variant, "split": split, "rows": metrics["rows"],
-                    "metric": key, "score": metrics[key],
-                    "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
-                    **{c: metrics.get(c) for c in COLUMNS[task.kind]},
-                    "train_s": training.get("wall_s"),
-                    "peak_mib": round(training["peak_memory_bytes"] / 2**20)
-                    if training.get("peak_memory_bytes") else None,
-                    "tokens_per_s": training.get("tokens_per_s"),
-                    "data_sha256": manifest["outputs"]["train.jsonl"][:12],
-                    "adapter_sha256": sha256_file(adapter)[:12] if adapter.exists() else None,
-                })
-    return sorted(rows, key=lambda r: (r["task"], r["split"], -r["score"]))
+        rows += _rows(params, layout, run, spec.task, spec.model, {
+            "train_s": training.get("wall_s"),
+            "peak_mib": round(training["peak_memory_bytes"] / 2**20)
+            if training.get("peak_memory_bytes") else None,
+            "tokens_per_s": training.get("tokens_per_s"),
+            "adapter_sha256": sha256_file(adapter)[:12] if adapter.exists() else None})
+    for name, merge in params.merge.items():
+        model = params.train.runs[merge.adapters[0]].model
+        rows += _rows(params, layout, name, merge.evaluate_on, model,
+                      {"train_s": None, "peak_mib": None, "tokens_per_s": None,
+                       "adapter_sha256": None})
+    return sorted(rows, key=lambda r: (r["task"], r["split"],
+                                       r["score"] if r["metric"] in LOWER_IS_BETTER
+                                       else -r["score"]))
+
+
+def _rows(params: Params, layout: Layout, key: str, task_name: str, model: str,
+          training: dict[str, Any]) -> list[dict[str, Any]]:
+    evaluation = json.loads((layout.evaluation(key) / "metrics.json").read_text())
+    task = task_from_config(task_name, params.tasks[task_name])
+    manifest = json.loads((layout.prepared(task_name) / "manifest.json").read_text())
+    metric = RANKING[task.kind]
+    rows = []
+    for variant, splits in evaluation["metrics"].items():
+        for split, metrics in splits.items():
+            ci = metrics.get(f"{metric}_ci95")
+            rows.append({
+                "task": task_name, "kind": task.kind, "run": key, "model": model,
+                "variant": variant, "split": split, "rows": metrics["rows"],
+                "metric": metric, "score": metrics[metric],
+                "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
+                **{c: metrics.get(c) for c in COLUMNS[task.kind]}, **training,
+                "data_sha256": manifest["outputs"]["train.jsonl"][:12],
+            })
+    return rows
 
 
 def build_report(params: Params, root: str | Path, out_dir: str | Path) -> list[dict[str, Any]]:
@@ -84,7 +99,7 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path) -> list[
             writer.writeheader()
             writer.writerows(rows)
         write_json(scratch / "leaderboard.json", {"rows": rows, "submissions": submissions})
-        (scratch / "leaderboard.md").write_text(markdown(params, rows, submissions),
+        (scratch / "leaderboard.md").write_text(markdown(params, layout, rows, submissions),
                                                 encoding="utf-8")
     return rows
 
@@ -97,7 +112,38 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def markdown(params: Params, rows: list[dict[str, Any]], submissions: dict[str, Any]) -> str:
+def _merge_lines(params: Params, layout: Layout) -> list[str]:
+    """Each merge's check: merged vs unmerged logits, beside how much the adapters move them."""
+    if not params.merge:
+        return []
+    lines = ["## Merges", "",
+             "Rows named after a merge compare, on its task, the base alone, the base carrying "
+             "each adapter (unmerged) and the merged model. The check compares merged and "
+             "unmerged logits on a fixed probe batch.", ""]
+    for name, merge in params.merge.items():
+        check = json.loads((layout.evaluation(name) / "metrics.json").read_text())["merge_check"]
+        lines.append(f"- {name}: {merge.method} of {', '.join(merge.adapters)}: max |logit "
+                     f"difference| {check['max_abs_diff']:.3g} (mean {check['mean_abs_diff']:.3g})"
+                     f" over {check['probe_tokens']} probe tokens, limit "
+                     f"{_fmt(check['limit'])}; the adapters move the base's logits by up to "
+                     f"{check['adapter_effect_max']:.3g}")
+    return lines + [""]
+
+
+def _tiny_note(params: Params, rows: list[dict[str, Any]]) -> list[str]:
+    """Say plainly when scores come from a tiny demo model."""
+    tiny = sorted({r["model"] for r in rows
+                   if params.models.get(r["model"]) and params.models[r["model"]].tiny})
+    if not tiny:
+        return []
+    return [f"Note: {', '.join(tiny)} is a tiny model built from a config with random weights "
+            "and trained for minutes on the demo data. Its scores sit near chance by "
+            "construction (FinEval: 0.25; claim/premise: the majority class); they show that the "
+            "pipeline runs end to end, not how well the method works.", ""]
+
+
+def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
+             submissions: dict[str, Any]) -> str:
     """The leaderboard as Markdown: a table per task and split, anchors, submissions."""
     lines = ["# Leaderboard", "",
              "Scores from `fin-tasks evaluate` (organizer-exact parsing and metrics); the "
@@ -128,6 +174,7 @@ def markdown(params: Params, rows: list[dict[str, Any]], submissions: dict[str, 
             lines += [f"Published ({anchor_key}, official test set): " + "; ".join(
                 f"{name} " + ", ".join(f"{k} {v}" for k, v in values.items())
                 for name, values in ANCHORS[anchor_key]), ""]
+    lines += _merge_lines(params, layout) + _tiny_note(params, rows)
     if submissions:
         lines += ["## Submissions", ""]
         for task, report in submissions.items():

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fin_tasks.config import TaskConfig
 
-Kind = Literal["classification", "summarization", "multiple_choice"]
+Kind = Literal["classification", "summarization", "multiple_choice", "corpus"]
 
 FINARG_INSTRUCTION = (
     "Analyze sentences from earnings conference calls and identify their argumentative "
@@ -103,7 +103,14 @@ def fineval(name: str, instruction: str | None = None) -> Task:
                 parser="letter")
 
 
-BUILTIN = {"finarg_ecc": finarg_ecc, "edtsum": edtsum, "fineval": fineval}
+def corpus(name: str, instruction: str | None = None) -> Task:
+    """Chunks of plain text (the `corpus` stage's output): learned on every token, scored by
+    perplexity. The prompt is the text itself; there is no instruction and no answer."""
+    return Task(name=name, kind="corpus", instruction=instruction or "", template="{text}",
+                id_field="id", text_field="text", label_field=None, max_new_tokens=0)
+
+
+BUILTIN = {"finarg_ecc": finarg_ecc, "edtsum": edtsum, "fineval": fineval, "corpus": corpus}
 
 
 def task_from_config(name: str, config: TaskConfig) -> Task:

@@ -29,9 +29,10 @@ from fin_tasks import baselines
 from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
                                  write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
-from fin_tasks.models import (device_for, load_base, load_tokenizer, peak_memory_bytes,
-                              read_base_ref, trainable_state, with_lora)
-from fin_tasks.tasks import task_from_config
+from fin_tasks.errors import ModelError
+from fin_tasks.models import (base_identity, device_for, load_base, load_tokenizer,
+                              peak_memory_bytes, read_base_ref, trainable_state, with_lora)
+from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +89,28 @@ def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
             for ids, r in zip(encoded["input_ids"], records)]
 
 
+def encode_corpus(records: Sequence[dict[str, Any]], tokenizer: Any,
+                  max_length: int) -> list[Example]:
+    """Continual pre-training: every token of each text (plus EOS) is learned; a text longer
+    than `max_length` tokens becomes consecutive windows, so no text is lost."""
+    examples = []
+    for record in records:
+        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
+        ids = ids + [tokenizer.eos_token_id]
+        for start in range(0, len(ids), max_length):
+            window = ids[start:start + max_length]
+            if len(window) > 1:  # one token predicts nothing
+                examples.append(Example(window, list(window)))
+    return examples
+
+
 def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfig,
-           max_length: int) -> list[Example]:
-    """Tokenize records the way this model kind trains on them."""
+           max_length: int, task: Task | None = None) -> list[Example]:
+    """Tokenize records the way this model kind trains on this task."""
     if config.kind == "encoder":
         return encode_encoder(records, tokenizer, max_length)
+    if task is not None and task.kind == "corpus":
+        return encode_corpus(records, tokenizer, max_length)
     return encode_causal(records, tokenizer, max_length, config.chat_template)
 
 
@@ -243,13 +261,17 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     device = device_for(config)
-    train_set, valid_set = (encode(_labeled_records(prepared_dir / f"{split}.jsonl"), tokenizer,
-                                   config, hyper.max_length) for split in ("train", "valid"))
+    if task.kind == "corpus" and config.kind != "causal":
+        raise ModelError(f"run '{run}': continual pre-training on corpus '{spec.task}' needs a "
+                         f"causal LM, not a '{config.kind}' model")
+    train_set, valid_set = (encode(_training_records(prepared_dir / f"{split}.jsonl", task),
+                                   tokenizer, config, hyper.max_length, task)
+                            for split in ("train", "valid"))
     loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config)
     progress = loop.resume(checkpoint_dir)
     loop.run(progress, checkpoint_dir, on_step)
-    metrics = _save(run, params, model, tokenizer, loop, progress, out_dir, ref, fingerprint,
-                    prepared_dir, checkpoint_dir)
+    metrics = _save(run, params, model, tokenizer, loop, progress, out_dir, ref, base_dir,
+                    fingerprint, prepared_dir, checkpoint_dir)
     _write_plots(plots_dir, loop.history, loop.valid_history)
     return metrics
 
@@ -293,6 +315,11 @@ def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
 
 def _labeled_records(path: Path) -> list[dict[str, Any]]:
     return [r for r in read_jsonl(path) if r.get("answer") is not None]
+
+
+def _training_records(path: Path, task: Task) -> list[dict[str, Any]]:
+    """Records a run learns from: every text of a corpus, else the labeled records."""
+    return read_jsonl(path) if task.kind == "corpus" else _labeled_records(path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -504,8 +531,8 @@ def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
 
 
 def _save(run: str, params: Params, model: Any, tokenizer: Any, loop: _Loop,
-          progress: Progress, out_dir: str | Path, ref: Any, fingerprint: str,
-          prepared_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
+          progress: Progress, out_dir: str | Path, ref: Any, base_dir: Path,
+          fingerprint: str, prepared_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
     """Write weights, tokenizer, config, history and metrics; then drop the checkpoints."""
     spec, hyper = params.train.runs[run], params.train.hyper(run)
     config = params.models[spec.model]
@@ -535,7 +562,7 @@ def _save(run: str, params: Params, model: Any, tokenizer: Any, loop: _Loop,
             "run": spec.model_dump(mode="json"), "hyper": hyper.model_dump(mode="json"),
             "model": config.model_dump(mode="json"),
             "task": params.tasks[spec.task].model_dump(mode="json"),
-            "base": {"name_or_path": ref.name_or_path, "revision": ref.revision},
+            "base": base_identity(ref, base_dir),
             "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
             "fingerprint": fingerprint, "packages": package_versions()})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)

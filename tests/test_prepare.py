@@ -157,9 +157,20 @@ def test_hub_dataset_goes_through_datasets_load_dataset(monkeypatch, tmp_path: P
 
 
 def test_default_params_prepare_every_demo_task(tmp_path: Path) -> None:
+    from fin_tasks.corpus import build_corpus
+    from fin_tasks.questions import build_questions
+
     params = load_params(ROOT / "params.yaml")
+    outputs = tmp_path / "outputs"  # tasks built by the corpus and questions stages
+    for name, corpus in params.corpus.items():
+        build_corpus(name, corpus.model_copy(update={"data": str(ROOT / corpus.data)}),
+                     outputs / "corpus" / name)
+    for name, questions in params.questions.items():
+        build_questions(name, questions, outputs / "corpus" / questions.corpus,
+                        outputs / "questions" / name)
     for name, config in params.tasks.items():
-        config = config.model_copy(update={"data": str(ROOT / config.data)})
+        root = tmp_path if config.data.startswith("outputs/") else ROOT
+        config = config.model_copy(update={"data": str(root / config.data)})
         manifest = prepare_task(name, config, params.prepare, tmp_path / name)
         assert all(info["rows"] > 0 for info in manifest["splits"].values()), name
 
