@@ -71,7 +71,8 @@ def _train(args: argparse.Namespace) -> None:
     for params, name, spec, layout in _runs(args):
         metrics = train(name, params, layout.prepared(spec.task), layout.base(spec.model),
                         layout.trained(name), checkpoint_root=args.checkpoints,
-                        plots_dir=layout.plots("train", name))
+                        plots_dir=layout.plots("train", name),
+                        micro_batch_divisor=args.micro_batch_divisor)
         speed = f", {metrics['tokens_per_s']:.0f} tokens/s" if metrics["tokens_per_s"] else ""
         print(f"train {name}: {metrics['steps']} steps{speed}, best valid "
               f"{metrics['best_valid']} -> {layout.trained(name)}")
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run", action="append", help="run name (repeatable; default all)")
     train.add_argument("--checkpoints", default=".checkpoints",
                        help="root of resumable checkpoints (kept until a run completes)")
+    train.add_argument("--micro-batch-divisor", type=int, default=1,
+                       help="split micro-batches N ways, accumulating N times more (same "
+                            "effective batch; the orchestrator's retry after running out of "
+                            "memory)")
     predict = verbs.add_parser("predict", help="predict valid/test with each model variant")
     evaluate = verbs.add_parser("evaluate", help="score predictions as the organizers do")
     merge = verbs.add_parser("merge", help="merge adapters into their base, checked")

@@ -368,6 +368,19 @@ class SubmitConfig(Strict):
     """Rows of train and of test for the data leakage test (0: skip it)."""
 
 
+class ScheduleConfig(Strict):
+    """When the scheduled Prefect deployment re-runs the pipeline (`flows/deploy.py`)."""
+
+    cron: str = "0 2 * * *"
+    """Cron expression of the `fin-tasks/nightly` deployment (default: 02:00 every day)."""
+    timezone: str = "UTC"
+    """Time zone of the cron expression."""
+    dispatch_gpu: bool = True
+    """Send trainings of `gpu: true` models to the `gpu` work pool's workers."""
+    push: bool = True
+    """Push every output to the DVC remote at the end of a scheduled run."""
+
+
 MERGE_METHODS = ("sequential", "linear", "cat", "svd", "ties", "dare_ties")
 EXACT_MERGES = ("sequential", "cat")
 
@@ -440,6 +453,8 @@ class Params(Strict):
     """Settings of the `submit` stage."""
     merge: dict[str, MergeConfig] = {}
     """Adapter merges, by name (the `merge` stage); names distinct from train runs."""
+    schedule: ScheduleConfig = ScheduleConfig()
+    """The scheduled deployment of the pipeline flow."""
 
     @model_validator(mode="after")
     def _runs_name_known_entries(self) -> Params:

@@ -20,7 +20,8 @@ import numpy as np
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import EvaluateConfig, Params
-from fin_tasks.metrics import bertscore_f1, bootstrap_ci, classification_metrics, rouge_scores
+from fin_tasks.metrics import (bertscore_f1, bootstrap_ci, classification_ci,
+                               classification_metrics, rouge_scores)
 from fin_tasks.models import resolve_source
 from fin_tasks.tasks import Task, task_from_config
 
@@ -99,9 +100,8 @@ def score(task: Task, gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     preds = [r["label"] for r in rows]
     result: dict[str, Any] = classification_metrics(golds, preds) | {"rows": len(rows)}
     ranking = RANKING[task.kind]
-    result[f"{ranking}_ci95"] = bootstrap_ci(
-        list(zip(golds, preds)), lambda pairs: classification_metrics(*zip(*pairs))[ranking],
-        settings.bootstrap, settings.seed)
+    result[f"{ranking}_ci95"] = classification_ci(golds, preds, ranking, settings.bootstrap,
+                                                  settings.seed)
     if task.kind == "multiple_choice":
         result |= _by_group(gold, golds, preds)
     return result

@@ -103,7 +103,11 @@ def load_tokenizer(ref: BaseRef) -> Any:
     """The tokenizer of a base, with a pad token (the EOS token when it has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, revision=ref.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ref.name_or_path, revision=ref.revision)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load the tokenizer of model '{ref.name_or_path}' "
+                         f"(revision {ref.revision or 'default'}): {error}") from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

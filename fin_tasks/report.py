@@ -42,10 +42,15 @@ COLUMNS = {
 }
 
 
-def leaderboard_rows(params: Params, layout: Layout) -> list[dict[str, Any]]:
-    """One row per (run or merge, variant, split) that was scored, best first."""
+def leaderboard_rows(params: Params, layout: Layout,
+                     failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """One row per (run or merge, variant, split) that was scored, best first. Runs and
+    merges named in `failed` (name -> reason) have no outputs and are skipped."""
+    failed = failed or {}
     rows = []
     for run, spec in params.train.runs.items():
+        if run in failed:
+            continue
         training = json.loads((layout.trained(run) / "metrics.json").read_text())
         adapter = layout.trained(run) / "adapter" / "adapter_model.safetensors"
         rows += _rows(params, layout, run, spec.task, spec.model, {
@@ -55,6 +60,8 @@ def leaderboard_rows(params: Params, layout: Layout) -> list[dict[str, Any]]:
             "tokens_per_s": training.get("tokens_per_s"),
             "adapter_sha256": sha256_file(adapter)[:12] if adapter.exists() else None})
     for name, merge in params.merge.items():
+        if name in failed:
+            continue
         model = params.train.runs[merge.adapters[0]].model
         rows += _rows(params, layout, name, merge.evaluate_on, model,
                       {"train_s": None, "peak_mib": None, "tokens_per_s": None,
@@ -85,10 +92,14 @@ def _rows(params: Params, layout: Layout, key: str, task_name: str, model: str,
     return rows
 
 
-def build_report(params: Params, root: str | Path, out_dir: str | Path) -> list[dict[str, Any]]:
-    """Write leaderboard.md, leaderboard.csv and leaderboard.json into `out_dir`."""
+def build_report(params: Params, root: str | Path, out_dir: str | Path,
+                 failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Write leaderboard.md, leaderboard.csv and leaderboard.json into `out_dir`.
+    `failed` names runs or merges that failed upstream (name -> reason): the report says
+    so instead of needing their outputs."""
     layout = Layout(Path(root))
-    rows = leaderboard_rows(params, layout)
+    failed = failed or {}
+    rows = leaderboard_rows(params, layout, failed)
     submissions = {task: json.loads((layout.submission(task) / "validation.json").read_text())
                    for task in sorted(params.submit.tasks)
                    if (layout.submission(task) / "validation.json").exists()}
@@ -98,9 +109,10 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path) -> list[
             writer = csv.DictWriter(handle, fieldnames=fields)
             writer.writeheader()
             writer.writerows(rows)
-        write_json(scratch / "leaderboard.json", {"rows": rows, "submissions": submissions})
-        (scratch / "leaderboard.md").write_text(markdown(params, layout, rows, submissions),
-                                                encoding="utf-8")
+        write_json(scratch / "leaderboard.json", {"rows": rows, "submissions": submissions,
+                                                  "failed": failed})
+        (scratch / "leaderboard.md").write_text(
+            markdown(params, layout, rows, submissions, failed), encoding="utf-8")
     return rows
 
 
@@ -112,7 +124,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _merge_lines(params: Params, layout: Layout) -> list[str]:
+def _merge_lines(params: Params, layout: Layout, failed: dict[str, str]) -> list[str]:
     """Each merge's check: merged vs unmerged logits, beside how much the adapters move them."""
     if not params.merge:
         return []
@@ -121,6 +133,8 @@ def _merge_lines(params: Params, layout: Layout) -> list[str]:
              "each adapter (unmerged) and the merged model. The check compares merged and "
              "unmerged logits on a fixed probe batch.", ""]
     for name, merge in params.merge.items():
+        if name in failed:
+            continue
         check = json.loads((layout.evaluation(name) / "metrics.json").read_text())["merge_check"]
         lines.append(f"- {name}: {merge.method} of {', '.join(merge.adapters)}: max |logit "
                      f"difference| {check['max_abs_diff']:.3g} (mean {check['mean_abs_diff']:.3g})"
@@ -143,7 +157,7 @@ def _tiny_note(params: Params, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
-             submissions: dict[str, Any]) -> str:
+             submissions: dict[str, Any], failed: dict[str, str] | None = None) -> str:
     """The leaderboard as Markdown: a table per task and split, anchors, submissions."""
     lines = ["# Leaderboard", "",
              "Scores from `fin-tasks evaluate` (organizer-exact parsing and metrics); the "
@@ -174,7 +188,10 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
             lines += [f"Published ({anchor_key}, official test set): " + "; ".join(
                 f"{name} " + ", ".join(f"{k} {v}" for k, v in values.items())
                 for name, values in ANCHORS[anchor_key]), ""]
-    lines += _merge_lines(params, layout) + _tiny_note(params, rows)
+    if failed:
+        lines += ["## Failed", ""] + [f"- {name}: FAILED: {reason}"
+                                      for name, reason in sorted(failed.items())] + [""]
+    lines += _merge_lines(params, layout, failed or {}) + _tiny_note(params, rows)
     if submissions:
         lines += ["## Submissions", ""]
         for task, report in submissions.items():

@@ -235,15 +235,18 @@ class Progress:
 def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
           out_dir: str | Path, checkpoint_root: str | Path = ".checkpoints",
           on_step: Callable[[int], None] | None = None,
-          plots_dir: str | Path | None = None) -> dict[str, Any]:
+          plots_dir: str | Path | None = None, micro_batch_divisor: int = 1) -> dict[str, Any]:
     """Train one run and write its adapter (or weights) and records into `out_dir`.
 
     Checkpoints go to `checkpoint_root/<run>-<fingerprint>`, keyed by the content of the
     config and data, so a rerun of the same run resumes and a changed one starts afresh.
     `on_step(step)` is called after every optimizer step (tests use it to interrupt a run).
     `plots_dir` receives train_loss.csv and valid_loss.csv for `dvc plots`.
+    `micro_batch_divisor` splits each micro-batch in that many (the same effective batch in
+    more accumulation steps): how an out-of-memory run is retried.
     """
-    spec, hyper = params.train.runs[run], params.train.hyper(run)
+    spec = params.train.runs[run]
+    hyper = split_micro_batch(params.train.hyper(run), micro_batch_divisor)
     config, task = params.models[spec.model], task_from_config(spec.task,
                                                                 params.tasks[spec.task])
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
@@ -251,7 +254,7 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
         metrics = _fit_baseline(run, params, task, prepared_dir, out_dir)
         _write_plots(plots_dir, [], [])
         return metrics
-    fingerprint = _fingerprint(params, run, prepared_dir, base_dir)
+    fingerprint = _fingerprint(params, run, hyper, prepared_dir, base_dir)
     checkpoint_dir = Path(checkpoint_root) / f"{run}-{fingerprint[:12]}"
     _seed_everything(hyper.seed)
     ref = read_base_ref(base_dir)
@@ -270,8 +273,8 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config)
     progress = loop.resume(checkpoint_dir)
     loop.run(progress, checkpoint_dir, on_step)
-    metrics = _save(run, params, model, tokenizer, loop, progress, out_dir, ref, base_dir,
-                    fingerprint, prepared_dir, checkpoint_dir)
+    metrics = _save(run, params, hyper, model, tokenizer, loop, progress, out_dir, ref,
+                    base_dir, fingerprint, prepared_dir, checkpoint_dir)
     _write_plots(plots_dir, loop.history, loop.valid_history)
     return metrics
 
@@ -328,11 +331,23 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fingerprint(params: Params, run: str, prepared_dir: Path, base_dir: Path) -> str:
+def split_micro_batch(hyper: Hyper, divisor: int) -> Hyper:
+    """The same effective batch in `divisor` times smaller micro-batches."""
+    if divisor == 1:
+        return hyper
+    if hyper.micro_batch_size % divisor:
+        raise ModelError(f"cannot split micro-batches of {hyper.micro_batch_size} examples in "
+                         f"{divisor}: lower train micro_batch_size in params")
+    return hyper.model_copy(update={"micro_batch_size": hyper.micro_batch_size // divisor,
+                                    "grad_accum": hyper.grad_accum * divisor})
+
+
+def _fingerprint(params: Params, run: str, hyper: Hyper, prepared_dir: Path,
+                 base_dir: Path) -> str:
     """Content hash of everything that shapes a run: its config, data and base."""
     spec = params.train.runs[run]
     digest = hashlib.sha256()
-    digest.update(json.dumps({"hyper": params.train.hyper(run).model_dump(),
+    digest.update(json.dumps({"hyper": hyper.model_dump(),
                               "model": params.models[spec.model].model_dump(mode="json"),
                               "task": params.tasks[spec.task].model_dump(mode="json")},
                              sort_keys=True).encode())
@@ -530,11 +545,11 @@ def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay)
 
 
-def _save(run: str, params: Params, model: Any, tokenizer: Any, loop: _Loop,
+def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, loop: _Loop,
           progress: Progress, out_dir: str | Path, ref: Any, base_dir: Path,
           fingerprint: str, prepared_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
     """Write weights, tokenizer, config, history and metrics; then drop the checkpoints."""
-    spec, hyper = params.train.runs[run], params.train.hyper(run)
+    spec = params.train.runs[run]
     config = params.models[spec.model]
     if hyper.select_best and loop.best_state is not None:
         parameters = dict(model.named_parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from pandera.errors import SchemaError
@@ -113,3 +114,18 @@ def test_bertscore_is_one_for_identical_texts_and_lower_for_unrelated_ones() -> 
         model)
     assert same == pytest.approx(1.0, abs=1e-5)
     assert 1.0 > related > unrelated and empty == 0.0
+
+
+@pytest.mark.parametrize("metric", ["f1_weighted", "accuracy"])
+def test_vectorized_bootstrap_matches_the_metric_on_each_resample(metric) -> None:
+    from fin_tasks.metrics import resampled_classification
+
+    rng = np.random.default_rng(3)
+    golds = rng.choice(["premise", "claim"], 60).tolist()
+    preds = rng.choice(["premise", "claim", MISSING], 60, p=[0.5, 0.4, 0.1]).tolist()
+    fast = resampled_classification(golds, preds, metric, 30, seed=9)
+    draws = np.random.default_rng(9)
+    for value in fast:
+        picks = draws.integers(0, 60, 60)
+        slow = classification_metrics([golds[i] for i in picks], [preds[i] for i in picks])
+        assert value == pytest.approx(slow[metric], abs=1e-12)

@@ -1,13 +1,34 @@
-"""The Prefect flow runs the library's stages on the demo data."""
+"""Prefect flows over dvc.yaml's stage graph: order, skipping, retries, failures, no rework."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import ROOT
+from flows.stages import (StageFailed, run_command, run_stage, stage_graph, up_to_date,
+                          with_upstream)
+
+from conftest import ROOT, project_copy
+
+# The default params.yaml (dvc.yaml names each of its sections) cut down to one task and the
+# majority baseline: every stage kind, in seconds.
+FLOW_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text()) | {
+    "tasks": {"finarg_ecc": {"type": "finarg_ecc", "data": "data/demo/finarg_ecc",
+                             "splits": {"train": "train.jsonl", "test": "test.jsonl"}}},
+    "models": {"majority": {"kind": "majority"}},
+    "predict": {"variants": ["adapter"]},
+    "evaluate": {"bootstrap": 20, "bertscore_model": None},
+    "submit": {"tasks": {"finarg_ecc": {"include_baselines": True}}},
+    "corpus": {}, "questions": {}, "merge": {},
+}
+FLOW_PARAMS["train"] = FLOW_PARAMS["train"] | {
+    "runs": {"majority-finarg_ecc": {"model": "majority", "task": "finarg_ecc"}}}
 
 
 @pytest.fixture(scope="session")
@@ -19,15 +40,100 @@ def prefect_harness():
         yield
 
 
-def test_pipeline_flow_prepares_the_demo_tasks(prefect_harness, tmp_path: Path) -> None:
+def _project(tmp_path: Path, params: dict) -> Path:
+    root = project_copy(tmp_path / "project")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "dvc.lock").unlink(missing_ok=True)
+    return root
+
+
+def _dvc(args: list[str], cwd: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True,
+                          text=True, env=os.environ | {"DVC_NO_ANALYTICS": "1"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout + done.stderr
+
+
+def test_stage_graph_is_read_from_dvc_yaml() -> None:
+    stages = {s.name: s for s in stage_graph(ROOT)}
+    train = stages["train@tiny-llama-finarg_ecc"]
+    assert set(train.upstream) >= {"prepare@finarg_ecc", "base@tiny-llama"}
+    assert train.cmd == "fin-tasks train --run tiny-llama-finarg_ecc"
+    assert "questions@numeric_mcq" in stages["prepare@numeric_mcq"].upstream
+    order = [s.name for s in stage_graph(ROOT)]
+    for node in stages.values():  # every stage comes after what it reads
+        assert all(order.index(u) < order.index(node.name) for u in node.upstream)
+    needed = {s.name for s in with_upstream(list(stages.values()), ["evaluate@minilm-finarg_ecc"])}
+    assert needed == {"prepare@finarg_ecc", "base@minilm", "train@minilm-finarg_ecc",
+                      "predict@minilm-finarg_ecc", "evaluate@minilm-finarg_ecc",
+                      "corpus@textbook", "questions@numeric_mcq"} | {
+        s for s in stages if s.startswith("prepare@")}  # base reads every prepared task
+
+
+def test_an_out_of_memory_training_is_retried_with_smaller_micro_batches(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    _dvc(["init", "-q"], root)
+    (root / "fake_train.py").write_text(
+        "import sys\n"
+        "if '--micro-batch-divisor' not in sys.argv:\n"
+        "    sys.exit('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB')\n"
+        "open('out.txt', 'w').write(' '.join(sys.argv[1:]))\n")
+    (root / "params.yaml").write_text("runs: {x: {}}\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  train:\n    foreach: ${runs}\n    do:\n"
+        f"      cmd: {sys.executable} fake_train.py --run ${{key}}\n"
+        "      deps: [fake_train.py]\n      outs: [out.txt]\n")
+    lines: list[str] = []
+    node = next(s for s in stage_graph(root) if s.name == "train@x")
+    assert run_stage(node, root, lines.append) == "ran"
+    assert (root / "out.txt").read_text() == "--run x --micro-batch-divisor 2"
+    assert any("out of memory; retrying" in line for line in lines)
+    assert up_to_date("train@x", root)  # committed to dvc.lock like a repro
+    assert run_stage(node, root, lines.append) == "up-to-date"
+    with pytest.raises(StageFailed) as failure:  # other failures are not retried
+        run_command("train@y", f"{sys.executable} -c \"raise SystemExit('error: bad config')\"",
+                    root, lines.append)
+    assert failure.value.reason == "error: bad config" and not failure.value.out_of_memory
+
+
+def test_flow_then_repro_then_flow_recompute_nothing(prefect_harness, tmp_path: Path) -> None:
     from flows.pipeline import pipeline
 
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for config in raw["tasks"].values():
-        config["data"] = str(ROOT / config["data"])
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw))
-    manifests = pipeline(str(params), ["finarg_ecc", "fineval"], str(tmp_path / "outputs"))
-    assert set(manifests) == {"finarg_ecc", "fineval"}
-    assert (tmp_path / "outputs/prepare/fineval/test.jsonl").exists()
-    assert manifests["finarg_ecc"]["splits"]["test"]["rows"] == 16
+    root = _project(tmp_path, FLOW_PARAMS)
+    outcome = pipeline(str(root))
+    assert set(outcome.values()) == {"ran"}
+    assert {"prepare@finarg_ecc", "train@majority-finarg_ecc", "submit@finarg_ecc",
+            "report"} <= set(outcome)
+    assert (root / "outputs/report/leaderboard.md").exists()
+    assert json.loads(_dvc(["status", "--json"], root) or "{}") == {}
+    repro = _dvc(["repro"], root)
+    assert "Running stage" not in repro and "up to date" in repro
+    again = pipeline(str(root))
+    assert set(again.values()) == {"up-to-date"}
+
+
+def test_a_failed_model_does_not_stop_the_others(prefect_harness, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.pipeline import pipeline
+
+    params = json.loads(json.dumps(FLOW_PARAMS))
+    params["models"]["broken"] = {"kind": "causal", "source": "no/such/model-folder"}
+    params["train"]["runs"]["broken-finarg_ecc"] = {"model": "broken", "task": "finarg_ecc"}
+    root = _project(tmp_path, params)
+    state = pipeline(str(root), return_state=True)
+    assert state.is_failed() and "train@broken-finarg_ecc" in state.message
+    outcome = state.result(raise_on_failure=False)
+    assert outcome["evaluate@majority-finarg_ecc"] == "ran"
+    assert outcome["predict@broken-finarg_ecc"].startswith("skipped")
+    assert "cannot load the tokenizer of model 'no/such/model-folder'" in outcome[
+        "train@broken-finarg_ecc"]
+    board = (root / "outputs/report/leaderboard.md").read_text()
+    assert "broken-finarg_ecc: FAILED" in board and "majority-finarg_ecc" in board
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["leaderboard", "metrics-majority-finarg-ecc"])))}
+    assert keys == {"leaderboard", "metrics-majority-finarg-ecc"}

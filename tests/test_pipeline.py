@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, project_copy
 
 pytestmark = pytest.mark.slow
 
 
 def _run(args: list[str], cwd: Path) -> str:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -26,16 +26,7 @@ def _run(args: list[str], cwd: Path) -> str:
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the tracked files, as a fresh clone would have them."""
-    target = tmp_path_factory.mktemp("clone")
-    tracked = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
-                              "--exclude-standard"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.split("\0")
-    for name in filter(None, tracked):
-        if (ROOT / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, target / name)
-    _run(["git", "init", "-q"], target)
-    return target
+    return project_copy(tmp_path_factory.mktemp("clone"))
 
 
 def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
@@ -50,6 +41,11 @@ def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
     leaderboard = (clone / "outputs/report/leaderboard.md").read_text()
     assert "## finarg_ecc (valid, ranked by f1_weighted)" in leaderboard
     assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in leaderboard
+    for variant in ("base", "+tiny-llama-textbook", "+tiny-llama-numeric_mcq", "merged"):
+        assert f"| numllm | {variant} |" in leaderboard  # NumLLM's four variants, side by side
+    assert "## Merges" in leaderboard and "near chance" in leaderboard
+    check = json.loads((clone / "outputs/evaluate/numllm/metrics.json").read_text())
+    assert check["merge_check"]["passed"] and check["merge_check"]["max_abs_diff"] <= 1e-4
     metrics = _run(["dvc", "metrics", "show"], clone)
     assert "outputs/evaluate/tiny-llama-finarg_ecc/metrics.json" in metrics
     assert "f1_weighted" in metrics and "rouge1" in metrics

@@ -1,0 +1,213 @@
+"""The stage graph as dvc.yaml defines it, and running one stage so that DVC knows.
+
+`dvc.yaml` is the one definition of the graph (../STYLE.md point 3). The flows read it here
+through DVC's own API and run each stage's command exactly as `dvc repro` would, then
+`dvc commit` the stage: dvc.lock records the same hashes either way, so a flow run after
+`dvc repro` finds every stage up to date, and the reverse. A stage that DVC already finds up
+to date is not run. Only the short DVC bookkeeping calls are serialized (DVC locks its
+repository); the stage commands themselves may run concurrently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate",
+               "MemoryError")
+_DVC_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One expanded stage of dvc.yaml (e.g. `train@tiny-llama-finarg_ecc`)."""
+
+    name: str
+    cmd: str
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    upstream: tuple[str, ...]
+    """Stages whose outputs this stage reads."""
+
+    @property
+    def group(self) -> str:
+        return self.name.split("@", 1)[0]
+
+    @property
+    def key(self) -> str | None:
+        return self.name.split("@", 1)[1] if "@" in self.name else None
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+
+
+def stage_graph(workdir: str | Path) -> list[Stage]:
+    """Every stage of `workdir/dvc.yaml`, expanded, in an order that respects dependencies."""
+    from dvc.repo import Repo
+
+    with Repo(str(workdir)) as repo:
+        raw = [(s.name, s.cmd, tuple(str(d.def_path) for d in s.deps),
+                tuple(str(o.def_path) for o in s.outs)) for s in repo.index.stages]
+    stages = {}
+    for name, cmd, deps, outs in raw:
+        upstream = tuple(other for other, _, _, other_outs in raw if other != name and any(
+            _overlaps(dep, out) for dep in deps for out in other_outs))
+        stages[name] = Stage(name, cmd, deps, outs, upstream)
+    return _topological(stages)
+
+
+def _topological(stages: dict[str, Stage]) -> list[Stage]:
+    ordered: list[Stage] = []
+    done: set[str] = set()
+    while len(ordered) < len(stages):
+        ready = [s for n, s in stages.items() if n not in done and set(s.upstream) <= done]
+        if not ready:
+            raise ValueError("dvc.yaml has a dependency cycle among: "
+                             + ", ".join(sorted(set(stages) - done)))
+        ordered += ready
+        done |= {s.name for s in ready}
+    return ordered
+
+
+def with_upstream(stages: list[Stage], wanted: Iterable[str]) -> list[Stage]:
+    """`wanted` stages and everything they need, in graph order."""
+    by_name = {s.name: s for s in stages}
+    keep: set[str] = set()
+    todo = list(wanted)
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo += by_name[name].upstream
+    return [s for s in stages if s.name in keep]
+
+
+# ---------------------------------------------------------------- DVC bookkeeping
+
+
+def dvc(args: list[str], workdir: str | Path, attempts: int = 20) -> str:
+    """Run one DVC command; waits while another DVC process holds the repository lock."""
+    for attempt in range(attempts):
+        with _DVC_LOCK:
+            done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workdir,
+                                  capture_output=True, text=True, env=_env())
+        if done.returncode == 0:
+            return done.stdout
+        if "Unable to acquire lock" not in done.stderr + done.stdout or attempt == attempts - 1:
+            raise RuntimeError(f"dvc {' '.join(args)} failed in {workdir}:\n"
+                               f"{(done.stdout + done.stderr)[-3000:]}")
+        time.sleep(0.5 + attempt * 0.5)
+    raise AssertionError("unreachable")
+
+
+def up_to_date(stage: str, workdir: str | Path) -> bool:
+    """DVC's own verdict: the stage's deps, params and outs match dvc.lock."""
+    return json.loads(dvc(["status", "--json", stage], workdir) or "{}") == {}
+
+
+def commit(stage: str, workdir: str | Path) -> None:
+    """Record a stage's deps, params and outs in dvc.lock and the cache, as repro does."""
+    dvc(["commit", "--force", stage], workdir)
+
+
+def adopt_lock_entry(stage: str, entry: dict, workdir: str | Path) -> None:
+    """Record in this workspace's dvc.lock a stage that ran elsewhere (atomically, while no
+    DVC command of this process runs)."""
+    import yaml
+
+    path = Path(workdir) / "dvc.lock"
+    with _DVC_LOCK:
+        lock = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
+        lock = lock or {"schema": "2.0", "stages": {}}
+        lock["stages"][stage] = entry
+        scratch = path.with_suffix(".lock.tmp")
+        scratch.write_text(yaml.safe_dump(lock, sort_keys=False), encoding="utf-8")
+        scratch.replace(path)
+
+
+def _env() -> dict[str, str]:
+    """The environment for stage commands: offline, no telemetry, this venv first on PATH."""
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "DVC_NO_ANALYTICS": "1",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"})
+    return env
+
+
+# ---------------------------------------------------------------- running a stage
+
+
+class StageFailed(RuntimeError):
+    """A stage command exited non-zero; `reason` is its last error line."""
+
+    def __init__(self, stage: str, code: int, reason: str, out_of_memory: bool) -> None:
+        super().__init__(f"{stage} failed (exit {code}): {reason}")
+        self.stage, self.reason, self.out_of_memory = stage, reason, out_of_memory
+
+
+def run_command(stage: str, cmd: str, workdir: str | Path,
+                on_line: Callable[[str], None] = log.info) -> None:
+    """Run a stage's command, passing each output line to `on_line`; StageFailed on error."""
+    process = subprocess.Popen(shlex.split(cmd), cwd=workdir, env=_env(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+    tail: list[str] = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        line = line.rstrip()
+        if line:
+            on_line(line)
+            tail = (tail + [line])[-40:]
+    code = process.wait()
+    if code:
+        text = "\n".join(tail)
+        reason = next((t for t in reversed(tail) if "error" in t.lower()), tail[-1] if tail
+                      else "no output")
+        raise StageFailed(stage, code, reason.strip(),
+                          code in (-9, 137) or any(m in text for m in OOM_MARKERS))
+
+
+def run_stage(stage: Stage, workdir: str | Path, on_line: Callable[[str], None] = log.info,
+              oom_retries: int = 2) -> str:
+    """Run one stage unless DVC finds it up to date, then commit it: "up-to-date" or "ran".
+
+    A training that runs out of memory is retried with micro-batches split in two (then
+    four...), the same effective batch accumulated over more steps."""
+    if up_to_date(stage.name, workdir):
+        on_line(f"{stage.name}: up to date (dvc.lock matches), not run")
+        return "up-to-date"
+    divisor = 1
+    while True:
+        cmd = stage.cmd + (f" --micro-batch-divisor {divisor}" if divisor > 1 else "")
+        try:
+            run_command(stage.name, cmd, workdir, on_line)
+            break
+        except StageFailed as failure:
+            if not (failure.out_of_memory and stage.group == "train" and divisor < 2 ** oom_retries):
+                raise
+            divisor *= 2
+            on_line(f"{stage.name}: out of memory; retrying with micro-batches split "
+                    f"{divisor} ways (same effective batch)")
+    commit(stage.name, workdir)
+    return "ran"
+
+
+STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
+
+
+def progress_of(line: str) -> float | None:
+    """Training progress in percent from a `train` log line ("step 5/20 ..."), else None."""
+    match = STEP.search(line)
+    return 100.0 * int(match.group(1)) / int(match.group(2)) if match else None

