@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,8 +222,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _data_parallel_relaunch(argv: list[str]) -> int | None:
+    """`train` with FIN_TASKS_TRAIN_PROCESSES=N (N > 1) runs as N data-parallel processes
+    (one per GPU) under torch.distributed.run, as `accelerate launch` would; the dvc.yaml
+    command stays the same. Returns the exit code, or None when not asked for."""
+    processes = int(os.environ.get("FIN_TASKS_TRAIN_PROCESSES", "1"))
+    if processes <= 1 or "WORLD_SIZE" in os.environ or not argv or argv[0] != "train":
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={processes}", "-m", "fin_tasks.cli", *argv]
+    return subprocess.run(command).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fin-tasks` console script."""
+    code = _data_parallel_relaunch(sys.argv[1:] if argv is None else argv)
+    if code is not None:
+        return code
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

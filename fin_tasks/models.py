@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,33 @@ class BaseRef:
 
 
 def device_for(config: ModelConfig) -> torch.device:
-    """CUDA when the entry asks for a GPU and one is present, else the CPU."""
-    return torch.device("cuda" if config.gpu and torch.cuda.is_available() else "cpu")
+    """CUDA when the entry asks for a GPU and one is present (this process's own GPU under a
+    multi-process launch), else the CPU."""
+    if config.gpu and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def data_parallel(device: torch.device) -> tuple[int, int]:
+    """(rank, world size) of this training process. Under `accelerate launch` or `torchrun`
+    (WORLD_SIZE > 1) the process group is initialised here: NCCL between GPUs, gloo on CPUs."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world
+
+
+def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
+    """Add up every process's gradients (each computed its share of the same window)."""
+    import torch.distributed as dist
+
+    for parameter in parameters:
+        if parameter.grad is not None:
+            dist.all_reduce(parameter.grad)
 
 
 def resolve_source(source: str, revision: str | None = None) -> BaseRef:

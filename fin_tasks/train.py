@@ -30,8 +30,9 @@ from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha25
                                  write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (base_identity, device_for, load_base, load_tokenizer,
-                              peak_memory_bytes, read_base_ref, trainable_state, with_lora)
+from fin_tasks.models import (base_identity, data_parallel, device_for, load_base,
+                              load_tokenizer, peak_memory_bytes, read_base_ref, sum_gradients,
+                              trainable_state, with_lora)
 from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,9 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
         metrics = _fit_baseline(run, params, task, prepared_dir, out_dir)
         _write_plots(plots_dir, [], [])
         return metrics
-    fingerprint = _fingerprint(params, run, hyper, prepared_dir, base_dir)
+    device = device_for(config)
+    rank, world = data_parallel(device)
+    fingerprint = _fingerprint(params, run, hyper, prepared_dir, base_dir, world)
     checkpoint_dir = Path(checkpoint_root) / f"{run}-{fingerprint[:12]}"
     _seed_everything(hyper.seed)
     ref = read_base_ref(base_dir)
@@ -263,20 +266,33 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
-    device = device_for(config)
     if task.kind == "corpus" and config.kind != "causal":
         raise ModelError(f"run '{run}': continual pre-training on corpus '{spec.task}' needs a "
                          f"causal LM, not a '{config.kind}' model")
     train_set, valid_set = (encode(_training_records(prepared_dir / f"{split}.jsonl", task),
                                    tokenizer, config, hyper.max_length, task)
                             for split in ("train", "valid"))
-    loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config)
+    loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config,
+                 rank, world)
     progress = loop.resume(checkpoint_dir)
     loop.run(progress, checkpoint_dir, on_step)
+    if rank != 0:  # data parallel: every process holds the same weights; the first writes
+        _finish(world)
+        return {"run": run, "rank": rank, "steps": progress.step}
     metrics = _save(run, params, hyper, model, tokenizer, loop, progress, out_dir, ref,
                     base_dir, fingerprint, prepared_dir, checkpoint_dir)
     _write_plots(plots_dir, loop.history, loop.valid_history)
+    _finish(world)
     return metrics
+
+
+def _finish(world: int) -> None:
+    """Wait for every process of a data-parallel run, then leave the process group."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _write_plots(plots_dir: str | Path | None, history: list[dict[str, Any]],
@@ -343,11 +359,11 @@ def split_micro_batch(hyper: Hyper, divisor: int) -> Hyper:
 
 
 def _fingerprint(params: Params, run: str, hyper: Hyper, prepared_dir: Path,
-                 base_dir: Path) -> str:
+                 base_dir: Path, world: int = 1) -> str:
     """Content hash of everything that shapes a run: its config, data and base."""
     spec = params.train.runs[run]
     digest = hashlib.sha256()
-    digest.update(json.dumps({"hyper": hyper.model_dump(),
+    digest.update(json.dumps({"hyper": hyper.model_dump(), "processes": world,
                               "model": params.models[spec.model].model_dump(mode="json"),
                               "task": params.tasks[spec.task].model_dump(mode="json")},
                              sort_keys=True).encode())
@@ -362,14 +378,18 @@ class _Loop:
 
     def __init__(self, model: Any, hyper: Hyper, train_set: list[Example],
                  valid_set: list[Example], pad_id: int, device: torch.device,
-                 config: ModelConfig) -> None:
+                 config: ModelConfig, rank: int = 0, world: int = 1) -> None:
         if not train_set:
             raise ValueError("the train split has no labeled rows")
         self.model, self.hyper, self.device, self.pad_id = model, hyper, device, pad_id
         self.train_set, self.valid_set = train_set, valid_set
         self.lengths = [e.tokens for e in train_set]
+        self.rank, self.world = rank, world
+        # one optimizer step takes grad_accum micro-batches per process: the processes of a
+        # data-parallel run share each window of grad_accum * world micro-batches
+        self.accumulate = hyper.grad_accum * world
         self.batches_per_epoch = math.ceil(len(train_set) / hyper.micro_batch_size)
-        steps_per_epoch = math.ceil(self.batches_per_epoch / hyper.grad_accum)
+        steps_per_epoch = math.ceil(self.batches_per_epoch / self.accumulate)
         self.total_steps = hyper.max_steps or max(1, math.ceil(hyper.epochs * steps_per_epoch))
         self.optimizer = _optimizer(model, hyper)
         from transformers import get_scheduler
@@ -398,19 +418,22 @@ class _Loop:
         """Optimizer steps from `progress.step` to the end (or an early stop)."""
         # A bar on a terminal; in logs (non-TTY) the periodic log line carries the ETA.
         bar = tqdm(total=self.total_steps, initial=progress.step, desc="train", unit="step",
-                   dynamic_ncols=True, disable=None)
-        accumulate = self.hyper.grad_accum
+                   dynamic_ncols=True, disable=None if self.rank == 0 else True)
+        accumulate = self.accumulate
         while progress.step < self.total_steps and not progress.stopped_early:
             started = time.perf_counter()
             window = [self.micro_batch(progress.step * accumulate + k) for k in range(accumulate)]
-            terms = sum(_terms(batch) for batch in window)
+            terms = sum(_terms(batch) for batch in window)  # of the whole window, all processes
             total = 0.0
-            for examples in window:
+            for examples in window[self.rank::self.world]:
                 loss, _ = loss_sum(self.model, collate(examples, self.pad_id, self.device))
                 (loss / terms).backward()
                 total += loss.item()
-                progress.tokens += sum(e.tokens for e in examples)
-                progress.examples += len(examples)
+            if self.world > 1:
+                sum_gradients(_trainable(self.model))
+                total = self._sum(total)
+            progress.tokens += sum(e.tokens for batch in window for e in batch)
+            progress.examples += sum(len(batch) for batch in window)
             torch.nn.utils.clip_grad_norm_(_trainable(self.model), 1.0)
             self.optimizer.step()
             self.scheduler.step()
@@ -421,15 +444,23 @@ class _Loop:
             if self._eval_due(progress.step):
                 self._evaluate(progress)
             if progress.step % self.hyper.checkpoint_every == 0 and \
-                    progress.step < self.total_steps:
+                    progress.step < self.total_steps and self.rank == 0:
                 self.checkpoint(progress, checkpoint_dir)
             if on_step is not None:
                 on_step(progress.step)
         bar.close()
 
+    def _sum(self, value: float) -> float:
+        """A number added up over the processes of a data-parallel run."""
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return float(tensor.item())
+
     def _log(self, progress: Progress, loss: float, bar: tqdm) -> None:
         lr = self.scheduler.get_last_lr()[0]
-        epoch = progress.step * self.hyper.grad_accum / self.batches_per_epoch
+        epoch = progress.step * self.accumulate / self.batches_per_epoch
         self.history.append({"step": progress.step, "epoch": round(epoch, 4),
                              "train_loss": round(loss, 6), "lr": lr})
         bar.update(1)
@@ -446,7 +477,7 @@ class _Loop:
             return True
         if self.hyper.eval_every:
             return step % self.hyper.eval_every == 0
-        per_epoch = self.batches_per_epoch / self.hyper.grad_accum
+        per_epoch = self.batches_per_epoch / self.accumulate
         return math.floor(step / per_epoch) > math.floor((step - 1) / per_epoch)
 
     def _evaluate(self, progress: Progress) -> None:

@@ -240,3 +240,40 @@ def test_early_stopping_ends_a_run_that_stops_improving(workspace, tmp_path) -> 
     metrics = train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
                     tmp_path / "out", checkpoint_root=tmp_path / "ck")
     assert metrics["stopped_early"] and metrics["steps"] == 3 and metrics["best_step"] == 1
+
+
+def test_data_parallel_training_equals_one_process_with_the_same_window(workspace,
+                                                                        tmp_path) -> None:
+    """Two processes (torchrun, gloo on CPU) with grad_accum 1 train exactly what one process
+    does with grad_accum 2: each takes half of every window and the gradients are summed."""
+    import os
+    import socket
+    import subprocess
+
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
+    single = make_params({"lora": lora}, {"grad_accum": 2, "max_steps": 3})
+    train("tiny-t1", single, workspace / "prepare" / "finarg_ecc", workspace / "base" / "tiny",
+          tmp_path / "single", checkpoint_root=tmp_path / "c1")
+    script = tmp_path / "ddp.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from conftest import make_params\n"
+        "from fin_tasks.train import train\n"
+        f"params = make_params({{'lora': {lora!r}}}, {{'grad_accum': 1, 'max_steps': 3}})\n"
+        f"train('tiny-t1', params, {str(workspace / 'prepare' / 'finarg_ecc')!r}, "
+        f"{str(workspace / 'base' / 'tiny')!r}, {str(tmp_path / 'ddp')!r}, "
+        f"checkpoint_root={str(tmp_path / 'c2')!r})\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={port}", str(script)], capture_output=True,
+                          text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
