@@ -119,6 +119,26 @@ def ours(params: Any, kind: str, base_dir: Path, tokenizer: Any, train_set: list
                   model, valid_set, tokenizer)
 
 
+def profile(params: Any, kind: str, base_dir: Path, tokenizer: Any, train_set: list,
+            steps: int) -> None:
+    """Where a step of our loop spends its time: torch profiler, top operators."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from fin_tasks.train import Progress, _Loop
+
+    model = fresh_model(params, kind, base_dir, tokenizer)
+    loop = _Loop(model, params.train.hyper("bench"), train_set, [], tokenizer.pad_token_id,
+                 torch.device("cpu"), params.models[kind])
+    loop.total_steps = 2
+    loop.run(Progress(), Path("/tmp/unused-checkpoints"), None)  # warm-up
+    loop.total_steps = 2 + steps
+    with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+        loop.run(Progress(step=2), Path("/tmp/unused-checkpoints"), None)
+    print(f"\n{kind}: torch profiler, {steps} steps of our loop\n")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
 def reference(params: Any, kind: str, base_dir: Path, tokenizer: Any, train_set: list,
               valid_set: list, fixed: bool) -> dict:
     from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer,
@@ -138,11 +158,12 @@ def reference(params: Any, kind: str, base_dir: Path, tokenizer: Any, train_set:
     collator = Counting(inner)
     arguments = TrainingArguments(
         output_dir="/tmp/bench-trainer", per_device_train_batch_size=hyper.micro_batch_size,
-        num_train_epochs=1, learning_rate=hyper.lr, warmup_ratio=hyper.warmup_ratio,
+        num_train_epochs=1, learning_rate=hyper.lr,
+        warmup_steps=round(hyper.warmup_ratio * len(train_set) / hyper.micro_batch_size),
         lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, seed=hyper.seed,
         use_cpu=True, report_to=[], save_strategy="no", eval_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        remove_unused_columns=False, group_by_length=False)
+        remove_unused_columns=False, train_sampling_strategy="random")
     trainer = Trainer(model=model, args=arguments, train_dataset=rows, data_collator=collator)
     started = time.perf_counter()
     trainer.train()
@@ -169,12 +190,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2048, help="Task 1 train rows (1 epoch)")
     parser.add_argument("--model", choices=["minilm", "causal", "both"], default="both")
     parser.add_argument("--work", default="bench-out/reference")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="instead: profile this many steps of our loop")
     args = parser.parse_args()
     if not DATA.exists():
         sys.exit(f"{DATA} not found: this benchmark needs the real Task 1 data")
     torch.set_num_threads(os.cpu_count() or 1)
     for kind in (["minilm", "causal"] if args.model == "both" else [args.model]):
         params, base_dir, tokenizer, train_set, valid_set = setup(kind, args.rows, Path(args.work))
+        if args.profile:
+            profile(params, kind, base_dir, tokenizer, train_set, args.profile)
+            continue
         runs = [ours(params, kind, base_dir, tokenizer, train_set, valid_set),
                 reference(params, kind, base_dir, tokenizer, train_set, valid_set, fixed=False),
                 reference(params, kind, base_dir, tokenizer, train_set, valid_set, fixed=True)]

@@ -29,7 +29,7 @@ from fin_tasks.models import (BaseRef, dequantized, load_base, load_tokenizer, r
                               with_adapter)
 from fin_tasks.tasks import Task, task_from_config
 from fin_tasks.train import (IGNORE, classify, collate, encode_corpus, encode_encoder,
-                             render_prompt)
+                             keep_ends, render_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +42,74 @@ def _length_order(sizes: Sequence[int]) -> list[int]:
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 16) -> list[str]:
-    """Greedy continuations of `prompts` (new text only), in input order."""
-    encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    """Greedy continuations of `prompts` (new text only), in input order.
+
+    Prompts longer than the model's context (less the new tokens) lose their middle.
+    Batches are length-sorted and left-padded; a row that reaches a stop token leaves the
+    batch (its cache rows are dropped), so one long answer does not keep the others going."""
+    budget = _context(model) - max_new_tokens
+    encoded = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     order = _length_order([len(ids) for ids in encoded])
     device = next(model.parameters()).device
+    stops = _stop_ids(model, tokenizer)
     model.eval()
     outputs: dict[int, str] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        # left padding: every prompt ends in the last column, where generation starts
         ids, mask = _left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id)
-        width = ids.shape[1]
-        generated = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-            max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id)
-        for row, i in enumerate(chunk):
-            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True)
+        for i, tokens in zip(chunk, greedy(model, ids.to(device), mask.to(device),
+                                           max_new_tokens, stops)):
+            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True)
     return [outputs[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+           stops: set[int]) -> list[list[int]]:
+    """New tokens of each left-padded row by greedy decoding with a key/value cache, each row
+    ending at its first stop token (kept) or after `max_new_tokens`; finished rows leave."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache, lengths = out.past_key_values, mask.sum(-1)
+    rows = list(range(len(ids)))  # the original row of each row still in the batch
+    produced: list[list[int]] = [[] for _ in rows]
+    tokens = out.logits[:, -1].argmax(-1)
+    for step in range(max_new_tokens):
+        keep = []
+        for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            produced[row].append(token)
+            if token not in stops and step + 1 < max_new_tokens:
+                keep.append(k)
+        if not keep:
+            break
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=ids.device)
+            cache.batch_select_indices(index)
+            mask, lengths, tokens = mask[index], lengths[index], tokens[index]
+            rows = [rows[k] for k in keep]
+        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
+        out = model(input_ids=tokens[:, None], attention_mask=mask,
+                    position_ids=lengths[:, None], past_key_values=cache, use_cache=True)
+        lengths = lengths + 1
+        tokens = out.logits[:, -1].argmax(-1)
+    return produced
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of many texts in one call (the fast tokenizer works through them in Rust)."""
+    return tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+
+
+def _context(model: Any) -> int:
+    """The longest sequence the model takes (positions), or practically unbounded."""
+    return int(getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+
+
+def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model's generation EOS ids."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
 
 
 @torch.no_grad()
@@ -72,7 +122,8 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
     about one forward pass per prompt, whatever the number of choices.
     """
     choice_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
-    prompt_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    budget = _context(model) - max(len(c) for c in choice_ids)
+    prompt_ids = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     order = _length_order([len(ids) for ids in prompt_ids])
     device = next(model.parameters()).device
     model.eval()

@@ -65,6 +65,15 @@ def render_prompt(record: dict[str, Any], tokenizer: Any, use_chat_template: boo
     return record["query"]
 
 
+def keep_ends(ids: list[int], budget: int) -> list[int]:
+    """At most `budget` tokens: a quarter from the start (the instruction), the rest from
+    the end (the text's end and the answer cue); the middle goes."""
+    if len(ids) <= budget:
+        return ids
+    head = budget // 4
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
 def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int,
                   use_chat_template: bool = True) -> list[Example]:
     """Prompt + answer + EOS; labels only on the answer. Long prompts lose their middle."""
@@ -74,10 +83,7 @@ def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length:
                            add_special_tokens=True)["input_ids"]
         answer = tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"]
         answer = answer[: max_length // 2] + [tokenizer.eos_token_id]
-        budget = max_length - len(answer)
-        if len(prompt) > budget:
-            head = budget // 4  # keep the instruction's start and the text's end
-            prompt = prompt[:head] + prompt[len(prompt) - (budget - head):]
+        prompt = keep_ends(prompt, max_length - len(answer))
         examples.append(Example(prompt + answer, [IGNORE] * len(prompt) + answer))
     return examples
 
@@ -159,17 +165,38 @@ def collate(examples: Sequence[Example], pad_id: int, device: torch.device,
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed loss of a batch and the number of terms in it (answer tokens or examples)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Summed loss of a batch and the number of terms in it (answer tokens or examples).
+
+    A causal LM computes its output layer only at the positions whose next token is learned
+    (the answer's, in instruction tuning): the same loss without the vocabulary-wide logits
+    of every prompt token."""
     labels = batch["labels"]
     if labels.dim() == 1:  # encoder: one class per example
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), \
             labels.numel()
-    shifted = labels[:, 1:]
+    targets = labels[:, 1:]
+    learned = (targets != IGNORE).any(0).nonzero().squeeze(-1)  # positions p predicting p+1
+    if len(learned) < targets.shape[1] and _selects_logits(model):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=learned).logits
+        targets = targets[:, learned]
+    else:
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits[:, :-1]
     loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.size(-1)), shifted.reshape(-1),
+        logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
         ignore_index=IGNORE, reduction="sum")
-    return loss, int((shifted != IGNORE).sum())
+    return loss, int((targets != IGNORE).sum())
+
+
+def _selects_logits(model: Any) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @torch.no_grad()
@@ -564,7 +591,8 @@ def _trainable(model: Any) -> list[torch.nn.Parameter]:
 
 
 def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
-    """AdamW; a classification head may take its own learning rate."""
+    """AdamW (fused where torch has the kernel); a classification head may take its own
+    learning rate."""
     head, body = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
@@ -573,7 +601,10 @@ def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
     groups = [{"params": body, "lr": hyper.lr}]
     if head:
         groups.append({"params": head, "lr": hyper.head_lr})
-    return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay)
+    try:  # one fused kernel per step instead of a dozen element-wise passes per tensor
+        return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not take
+        return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay)
 
 
 def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, loop: _Loop,

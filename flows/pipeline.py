@@ -279,12 +279,7 @@ def _report_failures(params: Any, root: Path, failures: dict[str, str],
         if reason:
             failed[run] = reason
     layout = Layout(root / "outputs")
-    previous = Path.cwd()
-    os.chdir(root)  # params paths are relative to the project root
-    try:
-        build_report(params, layout.root, layout.report(), failed=failed)
-    finally:
-        os.chdir(previous)
+    build_report(params, layout.root, layout.report(), failed=failed)
     create_markdown_artifact(key="leaderboard", description="fin-tasks leaderboard (with failures)",
                              markdown=(layout.report() / "leaderboard.md").read_text())
 

@@ -104,3 +104,24 @@ def test_predict_and_evaluate_a_qlora_run(workspace, trained, tmp_path, mode) ->
     assert set(valid) >= {"accuracy", "f1_weighted", "f1_macro", "mcc", "missing_rate",
                           "f1_weighted_ci95"}
     assert "test" in metrics["metrics"]["adapter"]  # the demo test split is labeled
+
+
+def test_greedy_decoding_equals_transformers_generate(tiny) -> None:
+    """Our decoder (rows leave the batch when they stop) gives what model.generate gives."""
+    from fin_tasks.predict import _left_padded, greedy
+
+    model, tokenizer = tiny
+    # a stop token the untrained model emits early for some rows: rows finish at different steps
+    encoded = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    ids, mask = _left_padded(encoded, tokenizer.pad_token_id)
+    first = model(input_ids=ids, attention_mask=mask,
+                  position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits[:, -1].argmax(-1)
+    stop = int(first[0])
+    ours = greedy(model, ids, mask, 12, {stop})
+    reference = model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                               max_new_tokens=12, eos_token_id=stop,
+                               pad_token_id=tokenizer.pad_token_id)[:, ids.shape[1]:].tolist()
+    for row, tokens in zip(reference, ours):
+        expected = row[: row.index(stop) + 1] if stop in row else row
+        assert tokens == expected
+    assert len(ours[0]) == 1 and any(len(t) > 1 for t in ours)  # rows did finish apart

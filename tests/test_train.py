@@ -277,3 +277,21 @@ def test_data_parallel_training_equals_one_process_with_the_same_window(workspac
     assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)  # it trained
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+
+
+def test_loss_at_answer_positions_only_equals_the_full_logits_loss(workspace) -> None:
+    """Computing the output layer only where an answer token is learned changes nothing."""
+    from fin_tasks.train import loss_sum
+
+    params = make_params({"quantization": None})
+    loop = _loop(params, "tiny-t1", workspace)
+    batch = collate(loop.train_set[:6], loop.pad_id, torch.device("cpu"))
+    with torch.no_grad():
+        fast, terms = loss_sum(loop.model, batch)
+        logits = loop.model(input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"]).logits
+        full = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+            ignore_index=IGNORE, reduction="sum")
+    assert terms == int((batch["labels"][:, 1:] != IGNORE).sum()) > 0
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
