@@ -30,8 +30,8 @@ from prefect.states import Failed
 
 from fin_tasks.config import load_params, parse_params
 from fin_tasks.layout import Layout
-from flows.stages import (Stage, StageFailed, adopt_lock_entry, dvc, progress_of, run_stage,
-                          stage_graph, up_to_date, with_upstream)
+from flows.stages import (Stage, StageFailed, adopt_lock_entry, changed_stages, dvc,
+                          progress_of, run_stage, stage_graph, up_to_date, with_upstream)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_DEPLOYMENT = "fin-tasks-stage/gpu"
@@ -77,15 +77,14 @@ def transfer(verb: str, targets: list[str], workdir: str) -> None:
     dvc([verb, *targets], workdir)
 
 
-@task(task_run_name="{stage_name}")
-def run_here(stage_name: str, workdir: str) -> str:
+@task(task_run_name="{stage.name}")
+def run_here(stage: Stage, workdir: str, known_current: bool = False) -> str:
     """Run one stage in this workspace (fin_tasks through its CLI, as dvc.yaml says)."""
     logger = get_run_logger()
-    stage = next(s for s in stage_graph(workdir) if s.name == stage_name)
     progress = None
-    if stage.group == "train":
-        progress = create_progress_artifact(progress=0.0, key=f"progress-{slug(stage_name)}",
-                                            description=f"{stage_name} on {machine()}")
+    if stage.group == "train" and not known_current:
+        progress = create_progress_artifact(progress=0.0, key=f"progress-{slug(stage.name)}",
+                                            description=f"{stage.name} on {machine()}")
 
     def on_line(line: str) -> None:
         logger.info(line)
@@ -93,7 +92,7 @@ def run_here(stage_name: str, workdir: str) -> str:
         if percent is not None:
             update_progress_artifact(progress, percent)
 
-    status = run_stage(stage, workdir, on_line)
+    status = run_stage(stage, workdir, on_line, known_current=known_current)
     if progress:
         update_progress_artifact(progress, 100.0)
     return status
@@ -148,7 +147,7 @@ def stage(stage_name: str, lock: str, params: str, workdir: str | None = None) -
     logger.info("%s on worker %s in %s", stage_name, machine(), root)
     if node.upstream:
         transfer("pull", list(node.upstream), str(root))
-    status = run_here.with_options(tags=[gpu_tag()])(stage_name, str(root))
+    status = run_here.with_options(tags=[gpu_tag()])(node, str(root))
     transfer("push", [stage_name], str(root))
     entry = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8"))["stages"][stage_name]
     create_markdown_artifact(
@@ -206,7 +205,8 @@ def _schedule(stages: list[Stage], params: Any, workdir: str,
     """Submit each stage once its upstream succeeded; skip it when one failed."""
     logger = get_run_logger()
     pending = {s.name: s for s in stages}
-    running: dict[str, Any] = {}
+    changed = changed_stages(workdir)  # one DVC call; a stage clean now stays clean unless
+    running: dict[str, Any] = {}       # something upstream of it runs
     outcome: dict[str, str] = {}
     failures: dict[str, str] = {}
     while pending or running:
@@ -217,7 +217,9 @@ def _schedule(stages: list[Stage], params: Any, workdir: str,
                 outcome[name] = f"skipped: {blocked[0]} did not complete"
                 del pending[name]
             elif all(u in outcome for u in node.upstream):
-                running[name] = _submit(node, params, workdir, dispatch_gpu)
+                current = name not in changed and all(outcome[u] == "up-to-date"
+                                                       for u in node.upstream)
+                running[name] = _submit(node, params, workdir, dispatch_gpu, current)
                 del pending[name]
         for name, future in list(running.items()):
             if future.state.is_final():
@@ -232,14 +234,15 @@ def _schedule(stages: list[Stage], params: Any, workdir: str,
     return outcome, failures
 
 
-def _submit(node: Stage, params: Any, workdir: str, dispatch_gpu: bool) -> Any:
-    if node.group == "train" and node.key in params.train.runs:
+def _submit(node: Stage, params: Any, workdir: str, dispatch_gpu: bool,
+            current: bool) -> Any:
+    if node.group == "train" and node.key in params.train.runs and not current:
         model = params.models[params.train.runs[node.key].model]
         if model.gpu and dispatch_gpu:
             return run_on_gpu_pool.submit(node.name, list(node.upstream), workdir)
         if model.gpu:
-            return run_here.with_options(tags=[gpu_tag()]).submit(node.name, workdir)
-    return run_here.submit(node.name, workdir)
+            return run_here.with_options(tags=[gpu_tag()]).submit(node, workdir)
+    return run_here.submit(node, workdir, current)
 
 
 def _publish(params: Any, stages: list[Stage], outcome: dict[str, str], root: Path) -> None:

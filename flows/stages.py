@@ -118,6 +118,11 @@ def up_to_date(stage: str, workdir: str | Path) -> bool:
     return json.loads(dvc(["status", "--json", stage], workdir) or "{}") == {}
 
 
+def changed_stages(workdir: str | Path) -> set[str]:
+    """The stages whose deps, params, command or outs differ from dvc.lock, in one DVC call."""
+    return set(json.loads(dvc(["status", "--json"], workdir) or "{}"))
+
+
 def commit(stage: str, workdir: str | Path) -> None:
     """Record a stage's deps, params and outs in dvc.lock and the cache, as repro does."""
     dvc(["commit", "--force", stage], workdir)
@@ -180,12 +185,14 @@ def run_command(stage: str, cmd: str, workdir: str | Path,
 
 
 def run_stage(stage: Stage, workdir: str | Path, on_line: Callable[[str], None] = log.info,
-              oom_retries: int = 2) -> str:
+              oom_retries: int = 2, known_current: bool = False) -> str:
     """Run one stage unless DVC finds it up to date, then commit it: "up-to-date" or "ran".
+    `known_current`: the caller already knows DVC finds it up to date (it was clean at the
+    start and nothing upstream ran), which spares a DVC call.
 
     A training that runs out of memory is retried with micro-batches split in two (then
     four...), the same effective batch accumulated over more steps."""
-    if up_to_date(stage.name, workdir):
+    if known_current or up_to_date(stage.name, workdir):
         on_line(f"{stage.name}: up to date (dvc.lock matches), not run")
         return "up-to-date"
     divisor = 1
