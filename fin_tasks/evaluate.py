@@ -3,7 +3,8 @@
 Classification: accuracy, weighted F1 (the ranking metric), macro F1, MCC, missing rate,
 a confusion matrix. Summarization: ROUGE-1/2/L (ranking: ROUGE-1), BERTScore F1, length
 statistics. Multiple choice (FinEval): accuracy overall, per subject, and for questions with
-and without numeric content. A corpus: held-out perplexity (lower is better). The ranking metric gets a bootstrap 95% interval.
+and without numeric content. A corpus: held-out perplexity (lower is better). The ranking
+metric gets a bootstrap 95% interval.
 """
 
 from __future__ import annotations

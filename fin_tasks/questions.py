@@ -46,7 +46,9 @@ UNIT_FAMILIES = (("元", "万元", "亿元"), ("万", "亿"), ("%", "‰"), ("�
                  (" thousand", " million", " billion"))
 _WORD = re.compile(r"[A-Za-z]{6,}")
 _CJK_PAIR = re.compile(r"(?=([\u4e00-\u9fff]{2}))")
-_FUNCTION_CHARS = set("的了是在和与及或为等其这那之也而并以于对中上下个一不有元万亿年月日天次倍约某")
+# function words, units and counters: pairs holding one are not terms
+_FUNCTION_CHARS = set("的了是在和与及或为等其这那之也而并以于对中上下个一不有"
+                      "元万亿年月日天次倍约某")
 STEMS = {("zh", True): "根据教材原文，句中空白处应填入的数值是：",
          ("zh", False): "根据教材原文，句中空白处应填入的词语是：",
          ("en", True): "According to the textbook, which value fills the blank? ",

@@ -202,7 +202,8 @@ def run_stage(stage: Stage, workdir: str | Path, on_line: Callable[[str], None] 
             run_command(stage.name, cmd, workdir, on_line)
             break
         except StageFailed as failure:
-            if not (failure.out_of_memory and stage.group == "train" and divisor < 2 ** oom_retries):
+            retry = failure.out_of_memory and stage.group == "train"
+            if not retry or divisor >= 2 ** oom_retries:
                 raise
             divisor *= 2
             on_line(f"{stage.name}: out of memory; retrying with micro-batches split "

@@ -45,7 +45,8 @@ def test_corpus_is_cleaned_deduplicated_and_chunked(tmp_path: Path) -> None:
     text = "\n".join(r["text"] for r in rows)
     assert "**" not in text and "#" not in text and "](" not in text
     assert "The balance sheet lists assets of 652 million. It is wrapped." in text
-    assert "资产负债表反映企业的财务状况。利润表反映经营成果。" in text  # CJK lines join without space
+    # CJK lines join without a space
+    assert "资产负债表反映企业的财务状况。利润表反映经营成果。" in text
     assert text.count("Repeated boilerplate sentence here.") == 1
     assert manifest["dropped"] == {"duplicate paragraph": 1, "shorter than min_chars": 1}
     assert all(len(r["text"]) <= 64 for r in rows)

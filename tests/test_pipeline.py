@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, project_copy
+from conftest import project_copy
 
 pytestmark = pytest.mark.slow
 
