@@ -11,11 +11,9 @@ manifest with counts, drops and hashes.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from fin_tasks.artifacts import (atomic_dir, package_versions, sha256_file, sha2
                                  write_json, write_jsonl)
 from fin_tasks.config import CorpusConfig
 from fin_tasks.errors import DataError
+from fin_tasks.readers import RawRow, read_file, read_text
 from fin_tasks.tasks import has_numeric
 
 log = logging.getLogger(__name__)
@@ -54,46 +53,27 @@ class Document:
 def read_documents(config: CorpusConfig) -> list[Document]:
     """Every document of a corpus: one per text file, or one per JSONL line."""
     path = Path(config.data)
+    if not path.exists():
+        raise DataError(path, None, None, "not found", "an existing folder or file")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
         if not files:
             raise DataError(path, None, None, "folder holds no text files",
                             f"files ending in {' or '.join(TEXT_SUFFIXES)}")
-        return [Document(str(file), None, _read_text(file)) for file in files]
+        return [Document(str(file), None, read_text(file)) for file in files]
     if path.suffix == ".jsonl":
-        return list(_jsonl_documents(path, config.text_field))
+        return [_document(row, config.text_field) for row in read_file(path, (config.text_field,))]
     if path.suffix in TEXT_SUFFIXES:
-        return [Document(str(path), None, _read_text(path))]
+        return [Document(str(path), None, read_text(path))]
     raise DataError(path, None, None, "not a corpus",
                     f"a folder of {'/'.join(TEXT_SUFFIXES)} files or a .jsonl file")
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(path, None, None, "file not found", "an existing file") from None
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise DataError(path, line, None, f"bytes that are not UTF-8 ({error.reason})",
-                        "UTF-8 text") from None
-
-
-def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(path, number, None, f"invalid JSON ({error.msg})",
-                            "one JSON object per line") from None
-        if not isinstance(row, dict) or field not in row:
-            raise DataError(path, number, field, "missing field",
-                            f"an object with a '{field}' string (corpus.*.text_field)")
-        if not isinstance(row[field], str):
-            raise DataError(path, number, field, f"a {type(row[field]).__name__}", "a string")
-        yield Document(str(path), number, row[field])
+def _document(row: RawRow, field: str) -> Document:
+    text = row.fields[field]
+    if not isinstance(text, str):
+        raise DataError(row.source, row.line, field, f"a {type(text).__name__}", "a string")
+    return Document(row.source, row.line, text)
 
 
 def clean(text: str) -> str:
@@ -192,10 +172,10 @@ def build_corpus(name: str, config: CorpusConfig, out_dir: str | Path) -> dict[s
         for paragraph in paragraphs(clean(document.text)):
             if len(paragraph) < config.min_chars:
                 dropped["shorter than min_chars"] += 1
-            elif _key(paragraph) in seen:
+            elif (key := _key(paragraph)) in seen:
                 dropped["duplicate paragraph"] += 1
             else:
-                seen.add(_key(paragraph))
+                seen.add(key)
                 paragraph = _new_sentences(paragraph, sentences_seen, dropped)
                 kept += [paragraph] if paragraph else []
         where = document.source + (f":{document.line}" if document.line else "")

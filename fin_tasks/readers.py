@@ -69,7 +69,7 @@ def read_file(path: Path, required: Sequence[str] = ()) -> list[RawRow]:
     return rows
 
 
-def _decode(path: Path) -> str:
+def read_text(path: Path) -> str:
     """File text as UTF-8 (a leading byte-order mark is accepted)."""
     data = path.read_bytes()
     try:
@@ -84,7 +84,7 @@ def _decode(path: Path) -> str:
 
 def _read_jsonl(path: Path, required: Sequence[str]) -> list[RawRow]:
     rows = []
-    for number, text in enumerate(_decode(path).splitlines(), start=1):
+    for number, text in enumerate(read_text(path).splitlines(), start=1):
         if not text.strip():
             continue
         try:
@@ -97,7 +97,7 @@ def _read_jsonl(path: Path, required: Sequence[str]) -> list[RawRow]:
 
 
 def _read_json_array(path: Path, required: Sequence[str]) -> list[RawRow]:
-    text = _decode(path)
+    text = read_text(path)
     decoder = json.JSONDecoder()
     position = _skip_space(text, 0)
     if not text.strip():
@@ -139,7 +139,7 @@ def _checked(path: Path, line: int, record: Any, required: Sequence[str]) -> Raw
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[RawRow]:
-    reader = csv.reader(io.StringIO(_decode(path), newline=""))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
     header = next(reader, None)
     if header is None:
         return []

@@ -9,6 +9,7 @@ dynamically; gradients accumulate; the learning rate warms up then decays.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import logging
@@ -193,10 +194,17 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
 
 def _selects_logits(model: Any) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_takes(type(base), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(model_class: type, name: str) -> bool:
+    """Whether a model class's forward has parameter `name` (asked once per class: the
+    question comes with every micro-batch)."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return name in inspect.signature(model_class.forward).parameters
 
 
 @torch.no_grad()
