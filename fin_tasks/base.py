@@ -1,8 +1,10 @@
 """The `base` stage: one folder per base model that `train` loads through one code path.
 
-A `tiny` entry is built here (weights and tokenizer); any other entry becomes a small
-`source.json` naming the hub id, local folder or package, plus its revision, so that DVC
-sees a change of base and retrains exactly the runs that use it.
+A `tiny` entry is built here (weights and tokenizer); a `gguf` entry is checked against its
+pinned hash and converted once into a plain safetensors folder (weights, tokenizer, chat
+template); any other entry becomes a small `source.json` naming the hub id, local folder or
+package, plus its revision, so that DVC sees a change of base and retrains exactly the runs
+that use it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,12 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
             tasks = config.tiny.tokenizer_tasks or tuple(params.tasks)
             build_tiny(config.tiny, _train_texts(Path(prepared_root), tasks), scratch)
             info = {"model": name, "built": "tiny", "tokenizer_tasks": list(tasks)}
+        elif config.gguf is not None:
+            from fin_tasks.gguf import convert
+
+            info = {"model": name, "built": "gguf", "origin": config.gguf.origin,
+                    "license": config.gguf.license, "gguf_sha256": config.gguf.sha256,
+                    "converted": convert(config.gguf, scratch)}
         else:
             resolve_source(config.source, config.revision)  # fail early on a bad package
             info = {"model": name, "source": config.source, "revision": config.revision}

@@ -69,6 +69,10 @@ class TaskConfig(Strict):
     """Maps raw label values (e.g. "0") to label names; generic classification only."""
     instruction: str | None = None
     """Prompt instruction; required for generic tasks, overrides a built-in's default."""
+    sample: dict[Literal["train", "valid", "test"], int] | None = None
+    """At most this many rows of each named split: a seeded subset, stratified by label (by
+    numeric / non-numeric for multiple choice), taken after any split is carved, so the full
+    data is this key removed (a CPU budget; see configs/cpu-llms.yaml)."""
 
     @model_validator(mode="after")
     def _generic_fields(self) -> TaskConfig:
@@ -80,6 +84,8 @@ class TaskConfig(Strict):
         if not generic and (self.columns or self.labels or self.label_names):
             raise ValueError(f"built-in task type '{self.type}' takes no columns, labels or "
                              "label_names")
+        if any(count < 1 for count in (self.sample or {}).values()):
+            raise ValueError("'sample' takes a positive row count per split")
         if self.revision and not self.data.startswith("hub:"):
             raise ValueError("'revision' applies only to a 'hub:<dataset id>' data source")
         return self
@@ -144,8 +150,11 @@ class QuantConfig(Strict):
     """4-bit data type."""
     double_quant: bool = True
     """Quantize the quantization constants too (about 0.4 bit per parameter saved)."""
-    compute_dtype: DType = "bfloat16"
-    """dtype of the matrix multiplications on dequantized weights."""
+    compute_dtype: DType | Literal["auto"] = "auto"
+    """dtype of the matrix multiplications on dequantized weights. `auto`: bfloat16 where
+    the hardware computes it natively (a recent GPU, a CPU with AVX512-BF16 or AMX), else
+    float16 on an older GPU and float32 on a CPU (bf16 emulated on an AVX2 CPU trains about
+    20x slower). The resolved dtype is recorded with each run."""
     skip_modules: tuple[str, ...] = ()
     """Modules kept out of quantization (e.g. lm_head, score), by name."""
 
@@ -199,6 +208,22 @@ class TinyConfig(Strict):
         return self
 
 
+class GgufSource(Strict):
+    """GGUF weights shipped inside installed pip packages: one file, or parts joined in
+    order. The `base` stage checks the joined file's hash and converts it once into a plain
+    safetensors folder with its tokenizer and chat template."""
+
+    parts: tuple[str, ...] = Field(min_length=1)
+    """`<module>:<path inside the package>` of each part, in order (the module is located,
+    never imported)."""
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    """Hex sha256 of the whole GGUF file (the parts joined)."""
+    origin: str
+    """Where the weights come from (model id and the packages), for the model card."""
+    license: str
+    """The weights' licence, for the model card."""
+
+
 class ModelConfig(Strict):
     """One base model: where it comes from, what it is, how it is loaded and adapted."""
 
@@ -206,13 +231,16 @@ class ModelConfig(Strict):
     """causal: instruction generation; encoder: a classification head; majority and lead:
     baselines (the most frequent train label; the article's lead sentence or first words)."""
     source: str | None = None
-    """Hub id, local folder, `package:<module>` (a pip package shipping weights) or `tiny`."""
+    """Hub id, local folder, `package:<module>` (a pip package shipping weights), `tiny`
+    (built from the `tiny` block) or `gguf` (converted from the `gguf` block)."""
     lead_words: int | None = None
     """`lead` baseline: the first N words instead of the first sentence."""
     revision: str | None = None
     """Hub revision (commit, branch or tag); pin it for reproducible runs."""
     tiny: TinyConfig | None = None
     """Architecture of a `tiny` model."""
+    gguf: GgufSource | None = None
+    """The GGUF file(s) of a `gguf` source."""
     dtype: DType = "float32"
     """dtype of the weights that are not quantized."""
     quantization: QuantConfig | None = None
@@ -234,8 +262,10 @@ class ModelConfig(Strict):
             raise ValueError(f"a '{self.kind}' model needs a `source`")
         if (self.source == "tiny") != (self.tiny is not None):
             raise ValueError("a `tiny` source needs a `tiny` block, and only it takes one")
-        if self.tiny is not None and self.kind != "causal":
-            raise ValueError("`tiny` builds a causal LM: set kind: causal")
+        if (self.source == "gguf") != (self.gguf is not None):
+            raise ValueError("a `gguf` source needs a `gguf` block, and only it takes one")
+        if (self.tiny is not None or self.gguf is not None) and self.kind != "causal":
+            raise ValueError("`tiny` and `gguf` build causal LMs: set kind: causal")
         if self.lora is None and self.quantization is not None:
             raise ValueError("full fine-tuning (lora: null) of a quantized base is not possible")
         return self
@@ -291,6 +321,8 @@ class Run(Strict):
     """Name of an entry in `tasks`."""
     hyper: dict[str, Any] = {}
     """Overrides of `train.defaults` for this run."""
+    zero_shot: bool = False
+    """Train nothing: the base model answers as it is (predict's `base` variant only)."""
 
 
 class TrainConfig(Strict):
@@ -465,6 +497,9 @@ class Params(Strict):
             if run.task not in self.tasks:
                 raise ValueError(f"train.runs.{name}.task '{run.task}' is not in tasks "
                                  f"({', '.join(self.tasks)})")
+            if run.zero_shot and self.models[run.model].kind != "causal":
+                raise ValueError(f"train.runs.{name}.zero_shot: only a causal LM answers "
+                                 f"without training, not a '{self.models[run.model].kind}'")
         for task in self.submit.tasks:
             if task not in self.tasks:
                 raise ValueError(f"submit.tasks: unknown task '{task}'")
@@ -496,7 +531,7 @@ class Params(Strict):
             if model.kind != "causal" or model.lora is None:
                 raise ValueError(f"merge.{name}.adapters: run '{run}' has no LoRA adapter to "
                                  f"merge (model kind {model.kind}, lora {model.lora})")
-            sources.add((model.source, model.revision, model.tiny))
+            sources.add((model.source, model.revision, model.tiny, model.gguf))
         if len(sources) > 1:
             raise ValueError(f"merge.{name}: the adapters were trained on different bases "
                              f"({', '.join(self.train.runs[r].model for r in merge.adapters)}); "

@@ -195,6 +195,8 @@ def _bundle_model(target: Path, params: Params, run: str, variant: str, base_dir
     if config.tiny is not None:  # a locally built base travels with its adapter
         shutil.copytree(Path(ref.name_or_path), target / "base")
         base_info["source"] = "base/ (built by fin-tasks from a config; bundled)"
+    if config.gguf is not None:  # rebuilt by `fin-tasks base` from the pinned packages
+        base_info |= {"gguf": config.gguf.model_dump(mode="json")}
     write_json(target / "base.json", base_info)
     return {"kind": "adapter", "variant": variant} | base_info
 
@@ -213,6 +215,8 @@ def model_card(task_name: str, params: Params, run: str, variant: str,
     lines += ["", "## Method", "",
               f"- model entry `{spec.model}`: kind {config.kind}, source {config.source or '-'}"
               f" (revision {config.revision or '-'})",
+              *([f"- weights: {config.gguf.origin}; licence {config.gguf.license}; "
+                 f"GGUF sha256 {config.gguf.sha256}"] if config.gguf else []),
               f"- quantization: "
               f"{config.quantization.model_dump() if config.quantization else 'none'}",
               f"- LoRA: {config.lora.model_dump() if config.lora else 'none (every weight)'}",

