@@ -25,7 +25,7 @@ from fin_tasks.config import EXACT_MERGES, MergeConfig, ModelConfig, Params
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (BaseRef, base_identity, dequantized, load_base, load_tokenizer,
                               read_base_ref)
-from fin_tasks.train import render_prompt
+from fin_tasks.prompting import render_prompt
 
 log = logging.getLogger(__name__)
 

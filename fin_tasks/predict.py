@@ -28,8 +28,9 @@ from fin_tasks.metrics import MISSING, PARSERS
 from fin_tasks.models import (BaseRef, dequantized, load_base, load_tokenizer, read_base_ref,
                               with_adapter)
 from fin_tasks.tasks import Task, task_from_config
-from fin_tasks.train import (IGNORE, classify, collate, encode_corpus, encode_encoder,
-                             keep_ends, render_prompt)
+from fin_tasks.prompting import (IGNORE, answer_separator, encode_texts, end_of_turn_id,
+                                 keep_ends, render_prompt)
+from fin_tasks.train import classify, collate, encode_corpus, encode_encoder
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
 
 
 def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of many texts in one call (the fast tokenizer works through them in Rust)."""
-    return tokenizer(list(texts), add_special_tokens=True)["input_ids"] if texts else []
+    """Token ids of many prompts in one call (the fast tokenizer works through them in
+    Rust), with a BOS only where the prompt does not already start with one."""
+    return encode_texts(tokenizer, list(texts))
 
 
 def _context(model: Any) -> int:
@@ -106,22 +108,27 @@ def _context(model: Any) -> int:
 
 
 def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    """Tokens that end an answer: the tokenizer's EOS and the model's generation EOS ids."""
+    """Tokens that end an answer: the tokenizer's EOS, the model's generation EOS ids, and
+    the end-of-turn token of the chat template."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = configured if isinstance(configured, list) else [configured]
-    return {i for i in [tokenizer.eos_token_id, *ids] if i is not None}
+    return {i for i in [tokenizer.eos_token_id, end_of_turn_id(tokenizer), *ids]
+            if i is not None}
 
 
 @torch.no_grad()
 def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: Sequence[str],
-                  batch_size: int = 16) -> list[list[float]]:
-    """Log-likelihood of each choice (as " choice") after each prompt, in input order.
+                  batch_size: int = 16, separator: str = " ") -> list[list[float]]:
+    """Log-likelihood of each choice (as `separator` + choice: " choice" after the
+    organizers' `Answer:`, "choice" after a chat template's generation prompt) after each
+    prompt, in input order.
 
     Each prompt runs once (left-padded, with explicit positions) and its key/value cache is
     shared by all its choices, whose few tokens then run in one small batch: the cost is
     about one forward pass per prompt, whatever the number of choices.
     """
-    choice_ids = [tokenizer(" " + c, add_special_tokens=False)["input_ids"] for c in choices]
+    choice_ids = [tokenizer(separator + c, add_special_tokens=False)["input_ids"]
+                  for c in choices]
     budget = _context(model) - max(len(c) for c in choice_ids)
     prompt_ids = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     order = _length_order([len(ids) for ids in prompt_ids])
@@ -205,10 +212,13 @@ def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], m
 # ---------------------------------------------------------------- the stage
 
 
-def variants_for(config: ModelConfig, settings: PredictConfig) -> tuple[str, ...]:
+def variants_for(config: ModelConfig, settings: PredictConfig,
+                 zero_shot: bool = False) -> tuple[str, ...]:
     """The model variants a run predicts with."""
     if config.kind in BASELINE_KINDS:
         return ("baseline",)
+    if zero_shot:
+        return ("base",)
     if config.lora is None:
         return ("full",)
     if config.kind == "encoder":  # an encoder's head exists only with its adapter
@@ -246,7 +256,9 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
     if task.labels and settings.mode == "score":
         rows = []
-        for scores in score_choices(model, tokenizer, prompts, task.labels, settings.batch_size):
+        separator = answer_separator(tokenizer, config.chat_template)
+        for scores in score_choices(model, tokenizer, prompts, task.labels, settings.batch_size,
+                                    separator):
             best = task.labels[max(range(len(scores)), key=scores.__getitem__)]
             rows.append({"output": best, "label": best, "scores": [round(x, 4) for x in scores]})
         return rows
@@ -281,7 +293,7 @@ def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: st
     max_length = params.train.hyper(run).max_length
     predictors = {variant: partial(_predictor, variant, task, config, base_dir, train_dir,
                                    settings, max_length)
-                  for variant in variants_for(config, settings)}
+                  for variant in variants_for(config, settings, spec.zero_shot)}
     info = {"run": run, "model": spec.model, "task": spec.task}
     return _predict_variants(info, task, config, predictors, settings, prepared_dir, out_dir)
 

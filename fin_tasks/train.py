@@ -32,13 +32,13 @@ from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha25
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (base_identity, data_parallel, device_for, load_base,
-                              load_tokenizer, peak_memory_bytes, read_base_ref, sum_gradients,
-                              trainable_state, with_lora)
+                              load_tokenizer, peak_memory_bytes, read_base_ref,
+                              resolved_quantization, sum_gradients, trainable_state, with_lora)
+from fin_tasks.prompting import IGNORE, encode_example
 from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label id that the loss skips (prompt and padding tokens)
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -58,35 +58,12 @@ class Example:
 # ---------------------------------------------------------------- encoding
 
 
-def render_prompt(record: dict[str, Any], tokenizer: Any, use_chat_template: bool) -> str:
-    """The prompt text: the tokenizer's chat template when it has one, else the raw query."""
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": record["query"]}],
-                                             tokenize=False, add_generation_prompt=True)
-    return record["query"]
-
-
-def keep_ends(ids: list[int], budget: int) -> list[int]:
-    """At most `budget` tokens: a quarter from the start (the instruction), the rest from
-    the end (the text's end and the answer cue); the middle goes."""
-    if len(ids) <= budget:
-        return ids
-    head = budget // 4
-    return ids[:head] + ids[len(ids) - (budget - head):]
-
-
 def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int,
                   use_chat_template: bool = True) -> list[Example]:
-    """Prompt + answer + EOS; labels only on the answer. Long prompts lose their middle."""
-    examples = []
-    for record in records:
-        prompt = tokenizer(render_prompt(record, tokenizer, use_chat_template),
-                           add_special_tokens=True)["input_ids"]
-        answer = tokenizer(" " + record["answer"], add_special_tokens=False)["input_ids"]
-        answer = answer[: max_length // 2] + [tokenizer.eos_token_id]
-        prompt = keep_ends(prompt, max_length - len(answer))
-        examples.append(Example(prompt + answer, [IGNORE] * len(prompt) + answer))
-    return examples
+    """Prompt, then answer and its closing token(s), rendered as the chat template does (see
+    `prompting.encode_example`); labels only on the answer."""
+    return [Example(*encode_example(record, tokenizer, max_length, use_chat_template))
+            for record in records]
 
 
 def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
@@ -290,6 +267,10 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
         metrics = _fit_baseline(run, params, task, prepared_dir, out_dir)
         _write_plots(plots_dir, [], [])
         return metrics
+    if spec.zero_shot:
+        metrics = _zero_shot(run, params, prepared_dir, base_dir, out_dir)
+        _write_plots(plots_dir, [], [])
+        return metrics
     device = device_for(config)
     rank, world = data_parallel(device)
     fingerprint = _fingerprint(params, run, hyper, prepared_dir, base_dir, world)
@@ -364,6 +345,29 @@ def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
             "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
             "packages": package_versions(("fin-tasks",))})
     log.info("baseline %s: %s", run, {k: v for k, v in fitted.items() if k != "counts"})
+    return metrics
+
+
+def _zero_shot(run: str, params: Params, prepared_dir: Path, base_dir: Path,
+               out_dir: str | Path) -> dict[str, Any]:
+    """A zero-shot run trains nothing: it records its base and keeps its tokenizer."""
+    spec = params.train.runs[run]
+    ref = read_base_ref(base_dir)
+    metrics = {"run": run, "model": spec.model, "task": spec.task, "steps": 0, "wall_s": 0.0,
+               "peak_memory_bytes": None, "tokens_per_s": None, "best_valid": None,
+               "zero_shot": True}
+    with atomic_dir(out_dir) as scratch:
+        load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
+        write_json(scratch / "metrics.json", metrics)
+        write_json(scratch / "train_config.json", {
+            "run": spec.model_dump(mode="json"),
+            "model": params.models[spec.model].model_dump(mode="json"),
+            "quantization": resolved_quantization(params.models[spec.model]),
+            "task": params.tasks[spec.task].model_dump(mode="json"),
+            "base": base_identity(ref, base_dir),
+            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
+            "packages": package_versions()})
+    log.info("zero-shot %s: nothing to train; %s answers as it is", run, spec.model)
     return metrics
 
 
@@ -646,6 +650,7 @@ def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, lo
         write_json(scratch / "train_config.json", {
             "run": spec.model_dump(mode="json"), "hyper": hyper.model_dump(mode="json"),
             "model": config.model_dump(mode="json"),
+            "quantization": resolved_quantization(config),
             "task": params.tasks[spec.task].model_dump(mode="json"),
             "base": base_identity(ref, base_dir),
             "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},

@@ -14,8 +14,9 @@ from fin_tasks.config import Params, QuantConfig, parse_params
 from fin_tasks.errors import ConfigError, ModelError
 from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
                               read_base_ref, with_adapter, with_lora)
-from fin_tasks.train import (IGNORE, Progress, _Loop, collate, encode, encode_causal,
-                             epoch_batches, read_jsonl, render_prompt, train)
+from fin_tasks.prompting import IGNORE, render_prompt
+from fin_tasks.train import (Progress, _Loop, collate, encode, encode_causal, epoch_batches,
+                             read_jsonl, train)
 
 from conftest import QUANT, make_params
 
