@@ -361,6 +361,10 @@ class PredictConfig(Strict):
     into a dequantized base. Baselines and fully fine-tuned runs have one variant each."""
     splits: tuple[Literal["valid", "test"], ...] = ("valid", "test")
     """Prepared splits to predict."""
+    base_splits: tuple[Literal["valid", "test"], ...] | None = None
+    """Splits the `base` (zero-shot) variant of a trained run predicts (None: `splits`).
+    `[valid]` spares a CPU the test pass of a model that is compared but not submitted;
+    `submit` then picks only among variants that predicted test."""
 
 
 class EvaluateConfig(Strict):

@@ -339,6 +339,7 @@ def _predict_variants(info: dict[str, Any], task: Task, config: ModelConfig,
     write `<variant>/<split>.jsonl` plus `predict.json` into `out_dir`, atomically."""
     prepared_dir = Path(prepared_dir)
     splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
+    only = settings.base_splits if settings.base_splits is not None else settings.splits
     info |= {"mode": settings.mode if task.labels and config.kind == "causal" else None,
              "variants": {}}
     with atomic_dir(out_dir) as scratch:
@@ -346,6 +347,8 @@ def _predict_variants(info: dict[str, Any], task: Task, config: ModelConfig,
             predictor = make()
             info["variants"][variant] = {}
             for split, records in splits.items():
+                if variant == "base" and len(predictors) > 1 and split not in only:
+                    continue
                 started = time.perf_counter()
                 rows = [{"id": r["id"]} | out for r, out in zip(records, predictor(records))]
                 seconds = time.perf_counter() - started

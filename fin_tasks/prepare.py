@@ -44,6 +44,11 @@ def prepare_task(name: str, config: TaskConfig, settings: PrepareConfig,
             origin[split] = f"carved from train ({fraction:.0%}, seed {settings.seed})"
     frames = {split: frames[split] for split in SPLITS}
     leakage, dropped = check_leakage(frames, settings.on_leakage)
+    for split, count in (config.sample or {}).items():
+        if count < len(frames[split]):
+            origin[split] += (f"; seeded subset of {count} of {len(frames[split])} rows "
+                              f"(seed {settings.seed})")
+            frames[split] = subsample(task, frames[split], count, settings.seed)
     records = {split: to_records(task, frame) for split, frame in frames.items()}
     for split, rows in records.items():
         records_schema(task, _labeled(frames[split])).validate(
@@ -133,6 +138,24 @@ def carve(frame: pd.DataFrame, fraction: float, seed: int, stratify: bool,
     mask = np.zeros(len(frame), dtype=bool)
     mask[taken] = True
     return frame[~mask], frame[mask]
+
+
+def subsample(task: Task, frame: pd.DataFrame, count: int, seed: int) -> pd.DataFrame:
+    """`count` rows of `frame`, seeded, stratified by label (classification), by numeric
+    content (multiple choice) or not at all, in their original order."""
+    if task.option_fields:
+        keys = pd.Series([has_numeric(t, *o) for t, o in zip(frame["text"], frame["options"])],
+                         index=frame.index).astype(str)
+    elif task.labels and _labeled(frame):
+        keys = frame["answer"]
+    else:
+        keys = pd.Series("", index=frame.index)
+    groups = {key: np.flatnonzero((keys == key).to_numpy()) for key in sorted(set(keys))}
+    quotas = _allocate(count, {key: len(rows) for key, rows in groups.items()})
+    rng = np.random.default_rng([seed, count])
+    taken = sorted(i for key, rows in groups.items()
+                   for i in rng.permutation(rows)[:quotas[key]].tolist())
+    return frame.iloc[taken]
 
 
 def _allocate(total: int, sizes: dict[str, int]) -> dict[str, int]:

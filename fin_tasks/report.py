@@ -173,14 +173,15 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
             columns = [c for c in COLUMNS[kind] if c != metric]
             lines += [f"## {task} ({split}, ranked by {metric})", "",
                       "| # | run | variant | " + metric + " (95% CI) | " + " | ".join(columns)
-                      + " | train s | peak MiB | data | adapter |",
-                      "|" + "---|" * (8 + len(columns))]
+                      + " | train s | tokens/s | peak MiB | data | adapter |",
+                      "|" + "---|" * (9 + len(columns))]
             for rank, r in enumerate(part, start=1):
                 ci = f" ({_fmt(r['ci95_low'])}-{_fmt(r['ci95_high'])})" if r["ci95_low"] is not \
                     None else ""
                 lines.append(f"| {rank} | {r['run']} | {r['variant']} | {_fmt(r['score'])}{ci} | "
                              + " | ".join(_fmt(r[c]) for c in columns)
-                             + f" | {_fmt(r['train_s'])} | {_fmt(r['peak_mib'])} | "
+                             + f" | {_fmt(r['train_s'])} | {_fmt(r['tokens_per_s'])} | "
+                             f"{_fmt(r['peak_mib'])} | "
                              f"{r['data_sha256']} | {r['adapter_sha256'] or '-'} |")
             lines.append("")
         anchor_key = ANCHOR_TYPES.get(params.tasks[task].type)

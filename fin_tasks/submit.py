@@ -52,7 +52,8 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
             continue
         metrics = json.loads((layout.evaluation(run) / "metrics.json").read_text())["metrics"]
         for variant, splits in metrics.items():
-            if choice.variant in ("auto", variant) and "valid" in splits:
+            predicted_test = (layout.predictions(run) / variant / "test.jsonl").exists()
+            if choice.variant in ("auto", variant) and "valid" in splits and predicted_test:
                 candidates.append((splits["valid"][key], run, variant))
     if not candidates:
         raise SubmissionError(f"submit.tasks.{task_name}: no evaluated run matches "
