@@ -125,3 +125,40 @@ def test_greedy_decoding_equals_transformers_generate(tiny) -> None:
         expected = row[: row.index(stop) + 1] if stop in row else row
         assert tokens == expected
     assert len(ours[0]) == 1 and any(len(t) > 1 for t in ours)  # rows did finish apart
+
+
+def test_a_zero_shot_run_predicts_with_its_base_only(workspace, tmp_path) -> None:
+    from fin_tasks.config import parse_params
+
+    raw = make_params().model_dump(mode="json")
+    raw["train"]["runs"]["tiny-zero"] = {"model": "tiny", "task": "finarg_ecc",
+                                         "zero_shot": True}
+    raw["predict"] = {"variants": ["base", "adapter"], "base_splits": ["valid"],
+                      "batch_size": 4}
+    params = parse_params(raw)
+    metrics = train("tiny-zero", params, workspace / "prepare/finarg_ecc",
+                    workspace / "base/tiny", tmp_path / "train", checkpoint_root=tmp_path / "ck")
+    assert metrics["steps"] == 0 and not (tmp_path / "train" / "adapter").exists()
+    info = predict_run("tiny-zero", params, workspace / "prepare/finarg_ecc",
+                       workspace / "base/tiny", tmp_path / "train", tmp_path / "predict")
+    # the base is the only variant, so it predicts every split (base_splits is for comparisons)
+    assert set(info["variants"]) == {"base"} and set(info["variants"]["base"]) == {"valid", "test"}
+    raw["models"]["minilm"]["kind"] = "encoder"
+    raw["train"]["runs"]["bad"] = {"model": "minilm", "task": "sentiment", "zero_shot": True}
+    with pytest.raises(ValueError, match="zero_shot: only a causal LM"):
+        parse_params(raw)
+
+
+def test_base_splits_limit_what_the_base_variant_of_a_trained_run_predicts(
+        workspace, trained, tmp_path) -> None:
+    from fin_tasks.config import parse_params
+
+    out, params = trained
+    raw = params.model_dump(mode="json")
+    raw["predict"] = {"variants": ["base", "adapter"], "splits": ["valid", "test"],
+                      "base_splits": ["valid"], "batch_size": 4, "mode": "score"}
+    info = predict_run("tiny-t1", parse_params(raw), workspace / "prepare/finarg_ecc",
+                       workspace / "base/tiny", out / "tiny-t1", tmp_path / "predict")
+    assert set(info["variants"]["base"]) == {"valid"}
+    assert set(info["variants"]["adapter"]) == {"valid", "test"}
+    assert not (tmp_path / "predict/base/test.jsonl").exists()

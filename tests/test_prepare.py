@@ -212,3 +212,25 @@ def test_real_financial_phrasebank_reads_unchanged_through_the_generic_task(tmp_
             totals[label] = totals.get(label, 0) + count
     kept = sum(totals.values()) + manifest["dropped"]["rows"]
     assert kept == 2264 and totals == {"negative": 303, "neutral": 1391, "positive": 570}
+
+
+def test_a_sample_is_a_seeded_stratified_subset_recorded_in_the_manifest(
+        finarg_dir: Path, tmp_path: Path) -> None:
+    labels = ["premise"] * 30 + ["claim"] * 10
+    write_jsonl(finarg_dir / "big.jsonl", [finarg_record(n, label)
+                                           for n, label in enumerate(labels)])
+    raw = {"type": "finarg_ecc", "data": str(finarg_dir),
+           "splits": {"train": "big.jsonl", "valid": "train.jsonl", "test": "test.jsonl"}}
+    full = prepare_task("t1", TaskConfig.model_validate(raw), PrepareConfig(), tmp_path / "full")
+    config = TaskConfig.model_validate(raw | {"sample": {"train": 8, "valid": 4}})
+    manifest = prepare_task("t1", config, PrepareConfig(seed=5), tmp_path / "a")
+    again = prepare_task("t1", config, PrepareConfig(seed=5), tmp_path / "b")
+    assert manifest["splits"]["train"]["labels"] == {"claim": 2, "premise": 6}  # 30:10 kept
+    assert manifest["splits"]["valid"]["labels"] == {"claim": 2, "premise": 2}
+    assert manifest["splits"]["test"]["rows"] == full["splits"]["test"]["rows"] == 4
+    assert "seeded subset of 8 of 40 rows" in manifest["splits"]["train"]["origin"]
+    assert manifest["outputs"] == again["outputs"]
+    ids = [r["id"] for r in _read(tmp_path / "a" / "train.jsonl")]
+    assert set(ids) <= {r["id"] for r in _read(tmp_path / "full" / "train.jsonl")}
+    with pytest.raises(ValueError, match="positive row count"):
+        TaskConfig.model_validate(raw | {"sample": {"train": 0}})
