@@ -28,17 +28,49 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    _remove_stale_scratch(final)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-",
+                                    dir=final.parent))
     try:
         yield scratch
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    _readable(scratch)
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
         final.rename(old)
     scratch.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_stale_scratch(final: Path) -> None:
+    """Remove what a killed earlier run left beside `final` (scratch and displaced folders
+    named after a process that no longer exists)."""
+    for kind in ("tmp", "old"):
+        for leftover in final.parent.glob(f".{final.name}.{kind}-*"):
+            pid = leftover.name.removeprefix(f".{final.name}.{kind}-").split("-")[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _readable(folder: Path) -> None:
+    """Give an output the usual modes (mkdtemp makes 0700, some writers 0600), so other
+    users of a shared machine or DVC cache can read it; the umask still applies."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def write_json(path: str | Path, payload: Any) -> None:

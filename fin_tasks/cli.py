@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, ConfigError, ModelError) as error:
         print(f"fin-tasks {args.verb}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fin-tasks {args.verb}: interrupted; nothing was half-written (outputs appear "
+              "only when complete; a training resumes from its last checkpoint)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

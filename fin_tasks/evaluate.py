@@ -100,6 +100,13 @@ def score(task: Task, gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, A
     golds = [g["answer"] for g in gold]
     preds = [r["label"] for r in rows]
     result: dict[str, Any] = classification_metrics(golds, preds) | {"rows": len(rows)}
+    answered = {p for p in preds if p in task.labels}
+    # a model that answers one class whatever the input (or nothing) ranks by chance alone
+    result["single_class"] = len(answered) <= 1 and len(set(golds)) > 1
+    if result["single_class"]:
+        log.warning("%s: every prediction is %s: the model collapsed to one class; its "
+                    "score is a majority-class score", task.name,
+                    f"'{answered.pop()}'" if answered else "missing")
     ranking = RANKING[task.kind]
     result[f"{ranking}_ci95"] = classification_ci(golds, preds, ranking, settings.bootstrap,
                                                   settings.seed)

