@@ -23,8 +23,8 @@ import torch
 from fin_tasks.artifacts import atomic_dir, package_versions, read_jsonl, sha256_file, write_json
 from fin_tasks.config import EXACT_MERGES, MergeConfig, ModelConfig, Params
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (BaseRef, base_identity, dequantized, load_base, load_tokenizer,
-                              read_base_ref)
+from fin_tasks.models import (BaseRef, base_identity, check_trained_weights, dequantized,
+                              load_base, load_tokenizer, read_base_ref)
 from fin_tasks.prompting import render_prompt
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ def merge_adapters(name: str, params: Params, base_dir: str | Path, train_root: 
     base_dir, train_root = Path(base_dir), Path(train_root)
     identity = check_same_base(name, runs, train_root, base_dir)
     adapter_dirs = [train_root / run / "adapter" for run in runs]
+    for adapter_dir in adapter_dirs:
+        check_trained_weights(adapter_dir)
     tokenizer = load_tokenizer(BaseRef(str(train_root / runs[0] / "tokenizer")))
     probe = probe_batch(tokenizer, read_jsonl(Path(probe_dir) / "valid.jsonl")[:merge.probe_rows],
                         config)

@@ -24,9 +24,10 @@ from fin_tasks import baselines
 from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
                                  write_json, write_jsonl)
 from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
+from fin_tasks.errors import ModelError
 from fin_tasks.metrics import MISSING, PARSERS
-from fin_tasks.models import (BaseRef, dequantized, load_base, load_tokenizer, read_base_ref,
-                              with_adapter)
+from fin_tasks.models import (BaseRef, check_trained_weights, dequantized, load_base,
+                              load_tokenizer, read_base_ref, with_adapter)
 from fin_tasks.tasks import Task, task_from_config
 from fin_tasks.prompting import (IGNORE, answer_separator, encode_texts, end_of_turn_id,
                                  keep_ends, render_prompt)
@@ -74,7 +75,7 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     cache, lengths = out.past_key_values, mask.sum(-1)
     rows = list(range(len(ids)))  # the original row of each row still in the batch
     produced: list[list[int]] = [[] for _ in rows]
-    tokens = out.logits[:, -1].argmax(-1)
+    tokens = _next_tokens(out.logits[:, -1])
     for step in range(max_new_tokens):
         keep = []
         for k, (row, token) in enumerate(zip(rows, tokens.tolist())):
@@ -92,8 +93,22 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
         out = model(input_ids=tokens[:, None], attention_mask=mask,
                     position_ids=lengths[:, None], past_key_values=cache, use_cache=True)
         lengths = lengths + 1
-        tokens = out.logits[:, -1].argmax(-1)
+        tokens = _next_tokens(out.logits[:, -1])
     return produced
+
+
+def _next_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy choice of each row (checked: argmax of NaN logits picks token 0)."""
+    return _next_logits_checked(logits).argmax(-1)
+
+
+def _next_logits_checked(logits: torch.Tensor) -> torch.Tensor:
+    """Next-token logits, refused when they are not numbers (an empty or arbitrary answer
+    would pass for a prediction)."""
+    if torch.isnan(logits).any():
+        raise ModelError("the model produced NaN logits: its weights are broken (e.g. a "
+                         "diverged training); nothing was written")
+    return logits
 
 
 def _tokenize(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -141,7 +156,7 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions.to(device), use_cache=True)
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
+        first = torch.log_softmax(_next_logits_checked(out.logits[:, -1]).float(), dim=-1).cpu()
         rest = _continuations(model, out.past_key_values, mask, choice_ids, tokenizer, device)
         for n, i in enumerate(chunk):
             scores[i] = [float(first[n, c[0]]) + rest[n * len(choice_ids) + k]
@@ -230,6 +245,7 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
                  train_dir: Path) -> Any:
     """A model ready for inference: base, base + adapter, merged, or fully tuned weights."""
     if variant == "full":
+        check_trained_weights(train_dir / "model")
         return load_base(config, BaseRef(str(train_dir / "model")), labels)
     if variant == "merged":
         base = dequantized(load_base(config, read_base_ref(base_dir), labels), config)

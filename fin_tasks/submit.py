@@ -72,7 +72,10 @@ def validate_bundle(task: Task, test: Sequence[dict[str, Any]],
         problems.append(f"{len(predictions)} rows, but the test set has {len(test)}")
     duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
     if duplicates:
-        problems.append(f"duplicate ids: {', '.join(duplicates[:5])}")
+        labels = {i: sorted({str(p.get("label", p.get("output"))) for p in predictions
+                             if p["id"] == i}) for i in duplicates[:5]}
+        problems.append("duplicate ids: " + ", ".join(
+            f"{i} (predicted {' and '.join(labels[i])})" for i in duplicates[:5]))
     missing = sorted(set(expected) - set(ids))
     if missing:
         problems.append(f"test ids without a prediction: {', '.join(missing[:5])}")
@@ -134,9 +137,16 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     spec = params.train.runs[run]
     config = params.models[spec.model]
     test = read_jsonl(layout.prepared(task_name) / "test.jsonl")
-    by_id = {p["id"]: p for p in read_jsonl(layout.predictions(run) / variant / "test.jsonl")}
-    predictions = [by_id[t["id"]] for t in test if t["id"] in by_id]
-    report = validate_bundle(task, test, list(by_id.values()))
+    evaluation = json.loads((layout.evaluation(run) / "metrics.json").read_text())
+    predictions_file = layout.predictions(run) / variant / "test.jsonl"
+    scored = evaluation.get("predictions", {}).get(f"{variant}/test.jsonl")
+    if scored != sha256_file(predictions_file):
+        raise SubmissionError(f"{predictions_file} is not the file `evaluate` scored for run "
+                              f"{run} (its hash changed since); rerun predict and evaluate")
+    rows = read_jsonl(predictions_file)
+    report = validate_bundle(task, test, rows)  # duplicates refused before any lookup by id
+    by_id = {p["id"]: p for p in rows}
+    predictions = [by_id[t["id"]] for t in test]
     train_dir, base_dir = layout.trained(run), layout.base(spec.model)
     model = None
     if config.kind == "causal" and params.submit.leakage_rows:
@@ -145,7 +155,6 @@ def submit_task(task_name: str, params: Params, root: str | Path,
         train = read_jsonl(layout.prepared(task_name) / "train.jsonl")
         report["leakage"] = leakage_test(model, tokenizer, train, test,
                                          params.submit.leakage_rows)
-    evaluation = json.loads((layout.evaluation(run) / "metrics.json").read_text())
     with atomic_dir(out_dir) as scratch:
         _write_predictions(scratch / "predictions.csv", predictions, task)
         bundled = _bundle_model(scratch / "model", params, run, variant, base_dir, train_dir,

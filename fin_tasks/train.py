@@ -33,7 +33,8 @@ from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (base_identity, data_parallel, device_for, load_base,
                               load_tokenizer, peak_memory_bytes, read_base_ref,
-                              resolved_quantization, sum_gradients, trainable_state, with_lora)
+                              resolved_quantization, sum_gradients, trainable_state,
+                              weight_hashes, with_lora, WEIGHTS_KEY)
 from fin_tasks.prompting import IGNORE, encode_example
 from fin_tasks.tasks import Task, task_from_config
 
@@ -640,9 +641,9 @@ def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, lo
         "peak_memory_bytes": peak_memory_bytes(loop.device),
         "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
     }
+    weights = "adapter" if config.lora else "model"
     with atomic_dir(out_dir) as scratch:
-        model.save_pretrained(scratch / ("adapter" if config.lora else "model"),
-                              safe_serialization=True)
+        model.save_pretrained(scratch / weights, safe_serialization=True)
         tokenizer.save_pretrained(scratch / "tokenizer")
         _write_csv(scratch / "history.csv", loop.history)
         _write_csv(scratch / "valid.csv", loop.valid_history)
@@ -654,7 +655,8 @@ def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, lo
             "task": params.tasks[spec.task].model_dump(mode="json"),
             "base": base_identity(ref, base_dir),
             "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
-            "fingerprint": fingerprint, "packages": package_versions()})
+            "fingerprint": fingerprint, "packages": package_versions(),
+            WEIGHTS_KEY: {weights: weight_hashes(scratch / weights)}})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
     log.info("trained %s: %d steps, %.1f tokens/s, peak memory %.0f MiB -> %s", run,
              progress.step, metrics["tokens_per_s"], metrics["peak_memory_bytes"] / 2**20, out_dir)

@@ -162,3 +162,36 @@ def test_base_splits_limit_what_the_base_variant_of_a_trained_run_predicts(
     assert set(info["variants"]["base"]) == {"valid"}
     assert set(info["variants"]["adapter"]) == {"valid", "test"}
     assert not (tmp_path / "predict/base/test.jsonl").exists()
+
+
+def test_weights_changed_after_training_are_refused(workspace, trained, tmp_path) -> None:
+    import shutil
+
+    from fin_tasks.errors import ModelError
+
+    out, params = trained
+    copy = tmp_path / "tiny-t1"
+    shutil.copytree(out / "tiny-t1", copy)
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated, as a full disk would leave it
+    with pytest.raises(ModelError, match=r"adapter_model\.safetensors is not the file `train` "
+                                         r"wrote .*dvc checkout"):
+        predict_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
+                    workspace / "base/tiny", copy, tmp_path / "predict")
+    assert not (tmp_path / "predict").exists()
+
+
+def test_nan_logits_are_an_error_not_an_empty_answer(tiny) -> None:
+    import copy
+
+    from fin_tasks.errors import ModelError
+
+    model, tokenizer = tiny
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(ModelError, match="NaN logits"):
+        generate(broken, tokenizer, PROMPTS[:1], max_new_tokens=4)
+    with pytest.raises(ModelError, match="NaN logits"):
+        score_choices(broken, tokenizer, PROMPTS[:1], ["premise", "claim"])

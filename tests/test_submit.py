@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
@@ -59,3 +60,49 @@ def test_a_written_bundle_round_trips_through_the_validator(tmp_path) -> None:
     assert [r["id"] for r in back] == [t["id"] for t in TEST]
     assert validate_bundle(finarg_ecc("t"), TEST, back)["ok"]
     assert json.loads(json.dumps(back)) == back
+
+
+@pytest.fixture
+def scored_baseline(workspace, tmp_path):
+    """A majority baseline trained, predicted and evaluated on the demo Task 1 data."""
+    from fin_tasks.config import parse_params
+    from fin_tasks.evaluate import evaluate_run
+    from fin_tasks.predict import predict_run
+    from fin_tasks.train import train
+
+    from conftest import make_params
+
+    raw = make_params().model_dump(mode="json")
+    raw["models"]["majority"] = {"kind": "majority"}
+    raw["train"]["runs"] = {"maj": {"model": "majority", "task": "finarg_ecc"}}
+    raw["submit"] = {"tasks": {"finarg_ecc": {"include_baselines": True}}}
+    raw["evaluate"] = {"bootstrap": 0, "bertscore_model": None}
+    params = parse_params(raw)
+    root = tmp_path / "outputs"
+    shutil.copytree(workspace / "prepare", root / "prepare")
+    prepared = root / "prepare/finarg_ecc"
+    train("maj", params, prepared, root / "base/majority", root / "train/maj")
+    predict_run("maj", params, prepared, root / "base/majority", root / "train/maj",
+                root / "predict/maj")
+    evaluate_run("maj", params, prepared, root / "predict/maj", root / "evaluate/maj")
+    return params, root
+
+
+def test_a_duplicate_conflicting_id_is_refused_by_name(scored_baseline) -> None:
+    from fin_tasks.artifacts import read_jsonl, write_jsonl
+    from fin_tasks.evaluate import evaluate_run
+    from fin_tasks.submit import submit_task
+
+    params, root = scored_baseline
+    path = root / "predict/maj/baseline/test.jsonl"
+    rows = read_jsonl(path)
+    first = rows[0]
+    other = "claim" if first["label"] == "premise" else "premise"
+    write_jsonl(path, rows + [first | {"label": other, "output": other}])
+    with pytest.raises(SubmissionError, match="is not the file `evaluate` scored"):
+        submit_task("finarg_ecc", params, root, root / "submit/finarg_ecc")  # not re-scored
+    evaluate_run("maj", params, root / "prepare/finarg_ecc", root / "predict/maj",
+                 root / "evaluate/maj")
+    with pytest.raises(SubmissionError, match=rf"duplicate ids: {first['id']} \(predicted "):
+        submit_task("finarg_ecc", params, root, root / "submit/finarg_ecc")
+    assert not (root / "submit").exists()
