@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fin_tasks.errors import OutputError
+
 PROVENANCE_PACKAGES = (
     "fin-tasks", "torch", "transformers", "peft", "bitsandbytes", "datasets",
     "pandas", "pandera", "scikit-learn", "rouge-score",
@@ -27,7 +29,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     so no stage ever leaves a half-written artifact behind.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(final)
     _remove_stale_scratch(final)
     scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-",
                                     dir=final.parent))
@@ -42,6 +44,20 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
         final.rename(old)
     scratch.rename(final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_writable(final: str | Path) -> None:
+    """Fail now, with the place and the fix, if `final` cannot be written (a read-only or
+    foreign folder), rather than after the work that would fill it."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.mkdtemp(prefix=f".{final.name}.probe-", dir=final.parent)
+        os.rmdir(probe)
+    except OSError as error:
+        raise OutputError(f"{final.parent}: cannot write the output {final.name} here "
+                          f"({error.strerror or error}); choose another --out-dir or make the "
+                          "folder writable") from None
 
 
 def _remove_stale_scratch(final: Path) -> None:

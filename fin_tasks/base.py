@@ -17,6 +17,7 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, package_versions, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
+from fin_tasks.errors import ModelError
 from fin_tasks.models import SOURCE_FILE, resolve_source
 from fin_tasks.tiny import build_tiny
 
@@ -41,7 +42,7 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
                     "license": config.gguf.license, "gguf_sha256": config.gguf.sha256,
                     "converted": convert(config.gguf, scratch)}
         else:
-            resolve_source(config.source, config.revision)  # fail early on a bad package
+            check_local_source(resolve_source(config.source, config.revision).name_or_path)
             info = {"model": name, "source": config.source, "revision": config.revision}
             write_json(scratch / SOURCE_FILE, info)
         info |= {"config": config.model_dump(mode="json"),
@@ -49,6 +50,35 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
         write_json(scratch / "base.json", info)
     log.info("base %s ready in %s", name, out_dir)
     return info
+
+
+LOCAL_PREFIXES = ("/", "./", "../", "~")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+
+
+def check_local_source(name_or_path: str) -> None:
+    """A local model folder must hold a config, weights and a tokenizer (said here, at
+    `base`, rather than as a hub or sentencepiece error later in `train`); a hub id passes."""
+    folder = Path(name_or_path).expanduser()
+    if not folder.exists():
+        if name_or_path.startswith(LOCAL_PREFIXES):
+            raise ModelError(f"model folder {name_or_path} does not exist")
+        return  # a hub id, resolved by transformers at load time
+    if not folder.is_dir():
+        raise ModelError(f"model source {name_or_path} is a file; expected a model folder "
+                         "(config.json, weights, tokenizer)")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any(next(folder.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors)")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ModelError(f"model folder {folder} has no {', no '.join(missing)}; point "
+                         "`source` at a saved model folder (save_pretrained of the model and "
+                         "its tokenizer)")
 
 
 def _train_texts(prepared_root: Path, tasks: tuple[str, ...]) -> Iterator[str]:

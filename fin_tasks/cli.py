@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fin_tasks.config import Params, Run, load_params
 from fin_tasks.layout import Layout
-from fin_tasks.errors import ConfigError, DataError, ModelError
+from fin_tasks.errors import ConfigError, DataError, ModelError, OutputError
 
 log = logging.getLogger("fin_tasks")
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         args.handler(args)
-    except (DataError, ConfigError, ModelError) as error:
+    except (DataError, ConfigError, ModelError, OutputError) as error:
         print(f"fin-tasks {args.verb}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

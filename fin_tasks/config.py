@@ -30,8 +30,9 @@ class Strict(BaseModel):
 class Columns(Strict):
     """Where a generic task finds its fields in the raw rows."""
 
-    id: str = "id"
-    """Column holding a unique row id."""
+    id: str | None = "id"
+    """Column holding a unique row id; null when the data has none: ids are then made from
+    the split and the row's line (`train-12`), stable for a given file."""
     text: str = "text"
     """Column holding the input text."""
     label: str | None = "label"

@@ -36,3 +36,7 @@ class ConfigError(ValueError):
 
 class ModelError(RuntimeError):
     """A model that cannot be loaded as configured, with what to do about it."""
+
+
+class OutputError(RuntimeError):
+    """An output location the stage cannot write to, found before any work is done."""

@@ -34,7 +34,8 @@ def prepare_task(name: str, config: TaskConfig, settings: PrepareConfig,
     for split in SPLITS:
         file = getattr(config.splits, split)
         if file is not None:
-            frames[split] = load_split(task, split_location(config.data, file), config.revision)
+            frames[split] = load_split(task, split_location(config.data, file), config.revision,
+                                       split)
             origin[split] = split_location(config.data, file)
     for split, fraction in (("test", settings.test_fraction), ("valid", settings.valid_fraction)):
         if split not in frames:
@@ -65,10 +66,11 @@ def prepare_task(name: str, config: TaskConfig, settings: PrepareConfig,
     return manifest
 
 
-def load_split(task: Task, location: str, revision: str | None = None) -> pd.DataFrame:
+def load_split(task: Task, location: str, revision: str | None = None,
+               split: str = "train") -> pd.DataFrame:
     """Read and validate one split into canonical rows (id, text, answer, ...)."""
     rows = read_rows(location, task.required_fields, revision)
-    frame = pd.DataFrame([_canonical(task, row) for row in rows])
+    frame = pd.DataFrame([_canonical(task, row, split) for row in rows])
     labeled = frame["answer"].notna()
     if labeled.any() and not labeled.all():
         bad = frame[~labeled].iloc[0]
@@ -78,7 +80,7 @@ def load_split(task: Task, location: str, revision: str | None = None) -> pd.Dat
     return validate_rows(frame, task, labeled=bool(labeled.all()))
 
 
-def _canonical(task: Task, row: RawRow) -> dict[str, Any]:
+def _canonical(task: Task, row: RawRow, split: str) -> dict[str, Any]:
     """One raw row in canonical form, keeping where it came from."""
     fields = row.fields
     answer = fields.get(task.label_field) if task.label_field else None
@@ -94,11 +96,12 @@ def _canonical(task: Task, row: RawRow) -> dict[str, Any]:
                             f"gold {gold!r} disagrees with label '{answer}'",
                             f"gold {task.labels.index(answer)} (the label's index in "
                             f"{list(task.labels)})", unit=row.unit)
-    for name in (task.id_field, task.text_field, *task.option_fields):
+    for name in task.required_fields:
         if not isinstance(fields[name], (str, int)) or isinstance(fields[name], bool):
             raise DataError(row.source, row.line, name, f"a {type(fields[name]).__name__}",
                             "a string", unit=row.unit)
-    canonical = {"id": str(fields[task.id_field]), "text": fields[task.text_field],
+    row_id = str(fields[task.id_field]) if task.id_field else f"{split}-{row.line}"
+    canonical = {"id": row_id, "text": str(fields[task.text_field]),
                  "answer": answer, "_source": row.source, "_line": row.line, "_unit": row.unit}
     if task.option_fields:
         canonical["options"] = tuple(str(fields[name]) for name in task.option_fields)

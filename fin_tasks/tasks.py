@@ -44,7 +44,8 @@ class Task:
     instruction: str
     template: str
     """Prompt layout; fields: instruction, text, options, subject."""
-    id_field: str
+    id_field: str | None
+    """Raw field with the row id (None: made from the split and line, e.g. `train-12`)."""
     text_field: str
     label_field: str | None
     """Raw field with the label, reference summary or answer letter (absent in unlabeled test)."""
@@ -66,7 +67,8 @@ class Task:
     @property
     def required_fields(self) -> tuple[str, ...]:
         """Raw fields every row must carry (the label only in labeled splits)."""
-        return (self.id_field, self.text_field, *self.option_fields)
+        return tuple(name for name in (self.id_field, self.text_field, *self.option_fields)
+                     if name is not None)
 
     def query(self, text: str, options: tuple[str, ...] = (), subject: str = "") -> str:
         """The prompt the organizers feed the model for one row."""

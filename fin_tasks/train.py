@@ -27,8 +27,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fin_tasks import baselines
-from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
-                                 write_json)
+from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, read_jsonl,
+                                 sha256_file, write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (base_identity, data_parallel, device_for, load_base,
@@ -264,6 +264,7 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     config, task = params.models[spec.model], task_from_config(spec.task,
                                                                 params.tasks[spec.task])
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
+    check_writable(out_dir)  # before the training that would fill it
     if config.kind in BASELINE_KINDS:
         metrics = _fit_baseline(run, params, task, prepared_dir, out_dir)
         _write_plots(plots_dir, [], [])

@@ -244,3 +244,31 @@ def test_ctrl_c_says_interrupted_not_a_traceback(finarg_dir, tmp_path, monkeypat
     err = capsys.readouterr().err
     assert "fin-tasks prepare: interrupted; nothing was half-written" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda d: None, "does not exist"),
+    (lambda d: d.mkdir(), "has no config.json, no weights"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"),
+                (d / "model.safetensors").write_bytes(b"x")), "has no tokenizer files"),
+], ids=["missing", "empty", "no tokenizer"])
+def test_base_checks_a_local_model_folder(tmp_path, make, problem, capsys) -> None:
+    folder = tmp_path / "my-model"
+    make(folder)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({
+        "tasks": {"t1": {**FINARG, "data": "x"}},
+        "models": {"mine": {"kind": "causal", "source": str(folder)}}}))
+    code = main(["base", "--params", str(params), "--out-dir", str(tmp_path / "outputs")])
+    assert code == 2 and problem in capsys.readouterr().err
+    assert not (tmp_path / "outputs" / "base" / "mine").exists()
+
+
+def test_an_unwritable_output_location_fails_before_any_work(finarg_dir, tmp_path,
+                                                             capsys) -> None:
+    (tmp_path / "outputs").write_text("a file where the output folder should be")
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"tasks": {"t1": {**FINARG, "data": str(finarg_dir)}}}))
+    code = main(["prepare", "--params", str(params), "--out-dir", str(tmp_path / "outputs")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write the output t1 here" in err and "Traceback" not in err

@@ -4,6 +4,7 @@ triggered run, the DVC remote they share, and the dashboard in headless Chromium
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -135,11 +136,22 @@ def _wait_healthy(port: int, seconds: float = 120) -> None:
     raise TimeoutError(f"Prefect server on port {port} not healthy after {seconds} s")
 
 
+@contextlib.contextmanager
 def _client(env: dict):
-    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+    """A client of the test's server; the process environment is restored afterwards (a
+    leaked PREFECT_API_URL would send later flow tests to a server that is gone)."""
     from prefect.client.orchestration import SyncPrefectClient
 
-    return SyncPrefectClient(env["PREFECT_API_URL"])
+    before = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
+    try:
+        with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+            yield client
+    finally:
+        if before is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = before
 
 
 def test_scheduled_deployment_runs_across_workers_and_the_dvc_remote(cluster) -> None:

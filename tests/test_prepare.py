@@ -261,3 +261,25 @@ def test_a_killed_stage_leaves_nothing_a_later_run_keeps_and_outputs_are_readabl
         os.umask(umask)
     assert stat.S_IMODE(final.stat().st_mode) == 0o755
     assert stat.S_IMODE((final / "weights.bin").stat().st_mode) == 0o644
+
+
+def test_data_without_an_id_column_runs_by_params_alone(tmp_path: Path) -> None:
+    """FiQA-style rows (instruction, input, output: no id) need no rewriting of the files."""
+    raw = tmp_path / "fiqa"
+    labels = ["negative", "neutral", "positive"]
+    write_jsonl(raw / "train.jsonl", [
+        {"instruction": "Sentiment?", "input": f"Shares moved {n}% today.",
+         "output": labels[n % 3]} for n in range(30)] + [
+        {"instruction": "Sentiment?", "input": 20240101, "output": "neutral"}])  # a bare number
+    config = TaskConfig.model_validate({
+        "type": "classification", "data": str(raw), "splits": {"train": "train.jsonl"},
+        "columns": {"id": None, "text": "input", "label": "output"}, "labels": labels,
+        "instruction": "What is the sentiment?"})
+    prepare_task("fiqa", config, PrepareConfig(), tmp_path / "a")
+    again = prepare_task("fiqa", config, PrepareConfig(), tmp_path / "b")
+    records = [r for split in ("train", "valid", "test")
+               for r in _read(tmp_path / "a" / f"{split}.jsonl")]
+    assert sorted(r["id"] for r in records) == sorted(f"train-{n}" for n in range(1, 32))
+    assert {r["id"]: r["text"] for r in records}["train-31"] == "20240101"
+    assert again["outputs"] == prepare_task("fiqa", config, PrepareConfig(),
+                                            tmp_path / "c")["outputs"]
