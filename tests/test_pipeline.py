@@ -41,6 +41,10 @@ def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
     leaderboard = (clone / "outputs/report/leaderboard.md").read_text()
     assert "## finarg_ecc (valid, ranked by f1_weighted)" in leaderboard
     assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in leaderboard
+    for variant in ("base", "adapter"):  # the real LLM, zero-shot beside QLoRA
+        assert f"| smollm2-finarg_ecc | {variant} |" in leaderboard
+    base = json.loads((clone / "outputs/base/smollm2/base.json").read_text())
+    assert base["built"] == "gguf" and base["license"] == "Apache-2.0"
     for variant in ("base", "+tiny-llama-textbook", "+tiny-llama-numeric_mcq", "merged"):
         assert f"| numllm | {variant} |" in leaderboard  # NumLLM's four variants, side by side
     assert "## Merges" in leaderboard and "near chance" in leaderboard
