@@ -187,11 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     questions.add_argument("--questions", action="append",
                            help="question set name (repeatable; default all)")
     prepare = verbs.add_parser("prepare", help="validate raw data into prepared splits")
-    prepare.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+    prepare.add_argument("--params", default="params.yaml", help="params file")
     prepare.add_argument("--task", action="append", help="task name (repeatable; default all)")
     prepare.add_argument("--out-dir", default="outputs", help="root of stage outputs")
     prepare.set_defaults(handler=_prepare)
-    base = verbs.add_parser("base", help="build a tiny base model or record a hub/local one")
+    base = verbs.add_parser("base", help="build a tiny model, convert a GGUF one, or record a "
+                                         "hub/local one")
     base.add_argument("--model", action="append", help="model name (repeatable; default all)")
     train = verbs.add_parser("train", help="fine-tune one model on one task (LoRA / QLoRA)")
     train.add_argument("--run", action="append", help="run name (repeatable; default all)")
@@ -216,10 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     for sub, handler in ((corpus, _corpus), (questions, _questions), (base, _base),
                          (train, _train), (merge, _merge), (predict, _predict),
                          (evaluate, _evaluate), (submit, _submit), (report, _report)):
-        sub.add_argument("--params", default="params.yaml", help="params file (params.yaml)")
+        sub.add_argument("--params", default="params.yaml", help="params file")
         sub.add_argument("--out-dir", default="outputs", help="root of stage outputs")
         sub.set_defaults(handler=handler)
+    for name, sub in verbs.choices.items():
+        sub.formatter_class = argparse.ArgumentDefaultsHelpFormatter
+        sub.epilog = "example: " + EXAMPLES[name]
     return parser
+
+
+EXAMPLES = {
+    "corpus": "fin-tasks corpus --corpus textbook",
+    "questions": "fin-tasks questions --questions numeric_mcq",
+    "prepare": "fin-tasks prepare --task finarg_ecc --params configs/cpu-llms.yaml "
+               "--out-dir outputs-cpu",
+    "base": "fin-tasks base --model smollm2",
+    "train": "fin-tasks train --run smollm2-finarg_ecc",
+    "merge": "fin-tasks merge --merge numllm",
+    "predict": "fin-tasks predict --run smollm2-finarg_ecc   (or --merge numllm)",
+    "evaluate": "fin-tasks evaluate --run smollm2-finarg_ecc   (then: dvc metrics show)",
+    "submit": "fin-tasks submit --task finarg_ecc",
+    "report": "fin-tasks report   (writes outputs/report/leaderboard.md)",
+}
 
 
 def _data_parallel_relaunch(argv: list[str]) -> int | None:
@@ -234,6 +253,18 @@ def _data_parallel_relaunch(argv: list[str]) -> int | None:
     return subprocess.run(command).returncode
 
 
+def _quiet_libraries() -> None:
+    """Drop what a user cannot act on: transformers' and peft's deprecation notices (about
+    calls inside fin-tasks) and per-tensor loading progress bars. Their loggers still report
+    warnings and errors."""
+    import warnings
+
+    for module in ("transformers", "peft", "torch.utils.checkpoint"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+    # read when transformers is first imported (later, by the stage that needs it)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `fin-tasks` console script."""
     code = _data_parallel_relaunch(sys.argv[1:] if argv is None else argv)
@@ -245,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     # bitsandbytes announces on every 4-bit load that an optional hub-fetched kernel package
     # is absent; its own CPU kernels run instead, so the line is noise here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    _quiet_libraries()
     try:
         args.handler(args)
     except (DataError, ConfigError, ModelError, OutputError) as error:

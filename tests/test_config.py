@@ -166,3 +166,12 @@ def test_a_run_override_of_the_wrong_type_is_located_at_the_run() -> None:
     with pytest.raises(ConfigError, match=r"train\.runs\.tiny-llama-finarg_ecc\.hyper\.lr: "
                                           r"Input should be a valid number"):
         parse_params(raw)
+
+
+def test_every_verb_shows_its_defaults_and_an_example(capsys) -> None:
+    from fin_tasks.cli import build_parser
+
+    verbs = build_parser()._subparsers._group_actions[0].choices
+    for name, sub in verbs.items():
+        text = sub.format_help()
+        assert "(default: outputs)" in text and f"example: fin-tasks {name}" in text, name
