@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def _run(args: list[str], cwd: Path) -> str:
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1500)
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=3000)
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout + done.stderr
 
@@ -41,8 +42,9 @@ def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
     leaderboard = (clone / "outputs/report/leaderboard.md").read_text()
     assert "## finarg_ecc (valid, ranked by f1_weighted)" in leaderboard
     assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in leaderboard
-    for variant in ("base", "adapter"):  # the real LLM, zero-shot beside QLoRA
-        assert f"| smollm2-finarg_ecc | {variant} |" in leaderboard
+    for variant in ("base", "adapter"):  # the real LLM, zero-shot beside QLoRA (7 valid rows
+        # of the demo: a run may well be flagged as predicting one class)
+        assert re.search(rf"\| smollm2-finarg_ecc( \(one class\))? \| {variant} \|", leaderboard)
     base = json.loads((clone / "outputs/base/smollm2/base.json").read_text())
     assert base["built"] == "gguf" and base["license"] == "Apache-2.0"
     for variant in ("base", "+tiny-llama-textbook", "+tiny-llama-numeric_mcq", "merged"):
