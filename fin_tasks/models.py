@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fin_tasks.artifacts import sha256_file
 from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
 from fin_tasks.errors import ModelError
 
@@ -264,8 +265,6 @@ WEIGHTS_KEY = "weights"  # train_config.json: sha256 of every file training wrot
 
 def weight_hashes(folder: Path) -> dict[str, str]:
     """sha256 of each file of a saved adapter or model folder, by name."""
-    from fin_tasks.artifacts import sha256_file
-
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
 
@@ -281,8 +280,6 @@ def check_trained_weights(folder: Path) -> None:
         if not path.is_file():
             raise ModelError(f"{path} is missing: the trained weights are incomplete; rerun "
                              "`fin-tasks train` for this run (or `dvc checkout`)")
-        from fin_tasks.artifacts import sha256_file
-
         if sha256_file(path) != digest:
             raise ModelError(f"{path} is not the file `train` wrote (sha256 {digest[:12]} "
                              f"recorded in {record}); it was overwritten or truncated since. "

@@ -340,11 +340,7 @@ def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
     with atomic_dir(out_dir) as scratch:
         write_json(scratch / "baseline.json", fitted)
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", {
-            "run": spec.model_dump(mode="json"),
-            "model": params.models[spec.model].model_dump(mode="json"),
-            "task": params.tasks[spec.task].model_dump(mode="json"),
-            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
+        write_json(scratch / "train_config.json", _run_record(params, run, prepared_dir) | {
             "packages": package_versions(("fin-tasks",))})
     log.info("baseline %s: %s", run, {k: v for k, v in fitted.items() if k != "counts"})
     return metrics
@@ -361,16 +357,20 @@ def _zero_shot(run: str, params: Params, prepared_dir: Path, base_dir: Path,
     with atomic_dir(out_dir) as scratch:
         load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", {
-            "run": spec.model_dump(mode="json"),
-            "model": params.models[spec.model].model_dump(mode="json"),
+        write_json(scratch / "train_config.json", _run_record(params, run, prepared_dir) | {
             "quantization": resolved_quantization(params.models[spec.model]),
-            "task": params.tasks[spec.task].model_dump(mode="json"),
-            "base": base_identity(ref, base_dir),
-            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
-            "packages": package_versions()})
+            "base": base_identity(ref, base_dir), "packages": package_versions()})
     log.info("zero-shot %s: nothing to train; %s answers as it is", run, spec.model)
     return metrics
+
+
+def _run_record(params: Params, run: str, prepared_dir: Path) -> dict[str, Any]:
+    """What every run's train_config.json holds: its entry, model, task and data hashes."""
+    spec = params.train.runs[run]
+    return {"run": spec.model_dump(mode="json"),
+            "model": params.models[spec.model].model_dump(mode="json"),
+            "task": params.tasks[spec.task].model_dump(mode="json"),
+            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))}}
 
 
 def _labeled_records(path: Path) -> list[dict[str, Any]]:
@@ -649,13 +649,10 @@ def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, lo
         _write_csv(scratch / "history.csv", loop.history)
         _write_csv(scratch / "valid.csv", loop.valid_history)
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", {
-            "run": spec.model_dump(mode="json"), "hyper": hyper.model_dump(mode="json"),
-            "model": config.model_dump(mode="json"),
+        write_json(scratch / "train_config.json", _run_record(params, run, prepared_dir) | {
+            "hyper": hyper.model_dump(mode="json"),
             "quantization": resolved_quantization(config),
-            "task": params.tasks[spec.task].model_dump(mode="json"),
             "base": base_identity(ref, base_dir),
-            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
             "fingerprint": fingerprint, "packages": package_versions(),
             WEIGHTS_KEY: {weights: weight_hashes(scratch / weights)}})
     shutil.rmtree(checkpoint_dir, ignore_errors=True)
