@@ -328,6 +328,9 @@ class Run(Strict):
     """Overrides of `train.defaults` for this run."""
     zero_shot: bool = False
     """Train nothing: the base model answers as it is (predict's `base` variant only)."""
+    predict_splits: tuple[Literal["valid", "test"], ...] | None = None
+    """Splits this run predicts (None: `predict.splits`). `[valid]` ranks a run on a CPU
+    without its test pass; `submit` then picks among the runs that predicted test."""
 
 
 class TrainConfig(Strict):

@@ -23,7 +23,6 @@ from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import EvaluateConfig, Params
 from fin_tasks.metrics import (bertscore_f1, bootstrap_ci, classification_ci,
                                classification_metrics, rouge_scores)
-from fin_tasks.models import resolve_source
 from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
@@ -151,6 +150,8 @@ def _summarization(gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]
     result["rouge1_ci95"] = bootstrap_ci(scores["rouge1"], np.mean, settings.bootstrap,
                                          settings.seed)
     if settings.bertscore_model:
+        from fin_tasks.models import resolve_source  # torch: only where BERTScore runs
+
         model = resolve_source(settings.bertscore_model).name_or_path
         result["bertscore_f1"] = float(np.mean(bertscore_f1(
             references, candidates, model, settings.bertscore_layer,

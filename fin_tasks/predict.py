@@ -304,6 +304,8 @@ def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: st
                 train_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Predict every configured split with every variant of one trained run."""
     spec, settings = params.train.runs[run], params.predict
+    if spec.predict_splits is not None:
+        settings = settings.model_copy(update={"splits": spec.predict_splits})
     config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
     base_dir, train_dir = Path(base_dir), Path(train_dir)
     max_length = params.train.hyper(run).max_length

@@ -162,8 +162,8 @@ def test_labels_listed_twice_and_negative_seeds_are_refused() -> None:
 
 def test_a_run_override_of_the_wrong_type_is_located_at_the_run() -> None:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["train"]["runs"]["tiny-llama-finarg_ecc"]["hyper"] = {"lr": "fast"}
-    with pytest.raises(ConfigError, match=r"train\.runs\.tiny-llama-finarg_ecc\.hyper\.lr: "
+    raw["train"]["runs"]["smollm2-finarg_ecc"]["hyper"] = {"lr": "fast"}
+    with pytest.raises(ConfigError, match=r"train\.runs\.smollm2-finarg_ecc\.hyper\.lr: "
                                           r"Input should be a valid number"):
         parse_params(raw)
 

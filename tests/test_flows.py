@@ -56,9 +56,9 @@ def _dvc(args: list[str], cwd: Path) -> str:
 
 def test_stage_graph_is_read_from_dvc_yaml() -> None:
     stages = {s.name: s for s in stage_graph(ROOT)}
-    train = stages["train@tiny-llama-finarg_ecc"]
-    assert set(train.upstream) >= {"prepare@finarg_ecc", "base@tiny-llama"}
-    assert train.cmd == "fin-tasks train --run tiny-llama-finarg_ecc"
+    train = stages["train@smollm2-finarg_ecc"]
+    assert set(train.upstream) >= {"prepare@finarg_ecc", "base@smollm2"}
+    assert train.cmd == "fin-tasks train --run smollm2-finarg_ecc"
     assert "questions@numeric_mcq" in stages["prepare@numeric_mcq"].upstream
     order = [s.name for s in stage_graph(ROOT)]
     for node in stages.values():  # every stage comes after what it reads

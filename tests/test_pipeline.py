@@ -37,7 +37,7 @@ def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
         assert all(split["rows"] > 0 for split in manifest["splits"].values())
         validation = json.loads((clone / "outputs/submit" / task / "validation.json").read_text())
         assert validation["ok"] and (clone / "outputs/submit" / task / "MODEL_CARD.md").exists()
-    adapter = clone / "outputs/train/tiny-llama-finarg_ecc/adapter/adapter_model.safetensors"
+    adapter = clone / "outputs/train/smollm2-finarg_ecc/adapter/adapter_model.safetensors"
     assert adapter.stat().st_size > 0
     leaderboard = (clone / "outputs/report/leaderboard.md").read_text()
     assert "## finarg_ecc (valid, ranked by f1_weighted)" in leaderboard
@@ -48,12 +48,14 @@ def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
     base = json.loads((clone / "outputs/base/smollm2/base.json").read_text())
     assert base["built"] == "gguf" and base["license"] == "Apache-2.0"
     for variant in ("base", "+tiny-llama-textbook", "+tiny-llama-numeric_mcq", "merged"):
-        assert f"| numllm | {variant} |" in leaderboard  # NumLLM's four variants, side by side
+        # NumLLM's four variants, side by side (a random tiny model may answer one letter)
+        assert re.search(rf"\| numllm( \(one class\))? \| {re.escape(variant)} \|", leaderboard)
+    assert re.search(r"\| smollm2-edtsum \| base \| 0\.\d{4} ", leaderboard)  # real summaries
     assert "## Merges" in leaderboard and "near chance" in leaderboard
     check = json.loads((clone / "outputs/evaluate/numllm/metrics.json").read_text())
     assert check["merge_check"]["passed"] and check["merge_check"]["max_abs_diff"] <= 1e-4
     metrics = _run(["dvc", "metrics", "show"], clone)
-    assert "outputs/evaluate/tiny-llama-finarg_ecc/metrics.json" in metrics
+    assert "outputs/evaluate/smollm2-finarg_ecc/metrics.json" in metrics
     assert "f1_weighted" in metrics and "rouge1" in metrics
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], clone)
     assert "up to date" in _run(["dvc", "status"], clone)

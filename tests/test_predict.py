@@ -149,7 +149,7 @@ def test_a_zero_shot_run_predicts_with_its_base_only(workspace, tmp_path) -> Non
         parse_params(raw)
 
 
-def test_base_splits_limit_what_the_base_variant_of_a_trained_run_predicts(
+def test_base_splits_and_a_runs_predict_splits_limit_what_is_predicted(
         workspace, trained, tmp_path) -> None:
     from fin_tasks.config import parse_params
 
@@ -162,6 +162,11 @@ def test_base_splits_limit_what_the_base_variant_of_a_trained_run_predicts(
     assert set(info["variants"]["base"]) == {"valid"}
     assert set(info["variants"]["adapter"]) == {"valid", "test"}
     assert not (tmp_path / "predict/base/test.jsonl").exists()
+    raw["train"]["runs"]["tiny-t1"]["predict_splits"] = ["valid"]  # a run ranked, not submitted
+    info = predict_run("tiny-t1", parse_params(raw), workspace / "prepare/finarg_ecc",
+                       workspace / "base/tiny", out / "tiny-t1", tmp_path / "valid-only")
+    assert {v: set(s) for v, s in info["variants"].items()} == {"base": {"valid"},
+                                                                "adapter": {"valid"}}
 
 
 def test_weights_changed_after_training_are_refused(workspace, trained, tmp_path) -> None:
