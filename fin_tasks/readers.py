@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,16 +178,18 @@ def _checked(path: Path, line: int, record: Any, required: Sequence[str]) -> Raw
 
 
 def _read_csv(path: Path, required: Sequence[str]) -> list[RawRow]:
-    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    text = read_text(path)
+    reader = csv.reader(io.StringIO(text, newline=""))
     try:
-        return _csv_rows(path, reader, required)
+        return _csv_rows(path, reader, required, re.split(r"\r\n|\n|\r", text))
     except csv.Error as error:  # e.g. a field over csv.field_size_limit() (128 KiB)
         raise DataError(path, max(reader.line_num, 1), None, f"unreadable CSV ({error})",
                         "comma-separated fields, none over "
                         f"{csv.field_size_limit() // 1024} KiB") from None
 
 
-def _csv_rows(path: Path, reader: Any, required: Sequence[str]) -> list[RawRow]:
+def _csv_rows(path: Path, reader: Any, required: Sequence[str],
+              lines: Sequence[str]) -> list[RawRow]:
     header = next(reader, None)
     if header is None:
         return []
@@ -200,9 +203,22 @@ def _csv_rows(path: Path, reader: Any, required: Sequence[str]) -> list[RawRow]:
             raise DataError(path, start, None, f"{len(values)} fields in this row",
                             f"{len(header)} comma-separated fields, as in the header")
         if values:
+            _check_unterminated_quote(path, start, lines[start:reader.line_num], len(header))
             rows.append(RawRow(str(path), start, dict(zip(header, values))))
         start = reader.line_num + 1
     return rows
+
+
+def _check_unterminated_quote(path: Path, start: int, continued: Sequence[str],
+                              fields: int) -> None:
+    """A quoted field may hold line breaks, but not a line that is a whole row by itself: that
+    is an unterminated quote swallowing the rows after it (and taking their last label)."""
+    for offset, line in enumerate(continued, start=1):
+        if len(next(csv.reader([line]), [])) == fields:
+            raise DataError(path, start, None,
+                            f"a quoted field runs on over line {start + offset}, which reads "
+                            f"as a row of its own: an unterminated quote?",
+                            "a closing quote at the end of the field on its own line")
 
 
 def _read_parquet(path: Path, required: Sequence[str]) -> list[RawRow]:

@@ -229,6 +229,26 @@ def test_a_csv_field_over_the_size_limit_is_located(tmp_path: Path) -> None:
         prepare_task("f", config, PrepareConfig(), tmp_path / "out")
 
 
+def test_an_unterminated_quote_in_a_csv_is_refused_not_swallowing_rows(tmp_path: Path) -> None:
+    folder = tmp_path / "fineval" / "val"
+    folder.mkdir(parents=True)
+    rows = "".join(f"{i},q{i},a,b,c,d,A\n" for i in range(3, 6))
+    good = f'id,question,A,B,C,D,answer\n0,"a question\nover two lines",a,b,c,d,A\n{rows}'
+    config = TaskConfig.model_validate({"type": "fineval", "data": str(tmp_path / "fineval"),
+                                        "splits": {"train": "val", "test": "val"}})
+    (folder / "tax_val.csv").write_text(good, encoding="utf-8")  # a line break inside quotes
+    assert prepare_task("f", config, PrepareConfig(valid_fraction=0.2),
+                        tmp_path / "ok")["splits"]["train"]["rows"] > 0
+    # the quote opened on line 3 closes on line 4: row 4 (and its label) would join row 3's text
+    (folder / "tax_val.csv").write_text(
+        f'id,question,A,B,C,D,answer\n0,q0,a,b,c,d,A\n1,"q1,a,b,c,d,B\n2,q2",a,b,c,d,C\n{rows}',
+        encoding="utf-8")
+    with pytest.raises(DataError, match=r"tax_val\.csv, line 3: a quoted field runs on over "
+                                        r"line 4, which reads as a row of its own"):
+        prepare_task("f", config, PrepareConfig(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_ctrl_c_says_interrupted_not_a_traceback(finarg_dir, tmp_path, monkeypatch,
                                                  capsys) -> None:
     import fin_tasks.prepare
