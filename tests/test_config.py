@@ -175,3 +175,22 @@ def test_every_verb_shows_its_defaults_and_an_example(capsys) -> None:
     for name, sub in verbs.items():
         text = sub.format_help()
         assert "(default: outputs)" in text and f"example: fin-tasks {name}" in text, name
+
+
+def test_params_yaml_is_written_as_dvc_writes_it_back(tmp_path) -> None:
+    """`dvc exp run --set-param` rewrites params.yaml through DVC's own YAML dumper: a file in
+    that style changes by exactly the one line that was set."""
+    import difflib
+
+    from dvc.utils.serialize import modify_yaml
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text((ROOT / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    with modify_yaml(copy) as data:
+        data["train"]["runs"]["smollm2-finarg_ecc"]["hyper"]["lr"] = 2.0e-3
+    diff = [line for line in difflib.unified_diff(
+        (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines(),
+        copy.read_text(encoding="utf-8").splitlines(), lineterm="", n=0)
+        if line[:1] in "+-" and line[:3] not in ("+++", "---")]
+    assert diff == ["-      hyper: {lr: 1.0e-3, max_length: 256}",
+                    "+      hyper: {lr: 0.002, max_length: 256}"]

@@ -137,3 +137,18 @@ def test_a_failed_model_does_not_stop_the_others(prefect_harness, tmp_path: Path
         keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["leaderboard", "metrics-majority-finarg-ecc"])))}
     assert keys == {"leaderboard", "metrics-majority-finarg-ecc"}
+
+
+def test_the_committed_dvc_lock_is_current(tmp_path) -> None:
+    """On a fresh clone `dvc status` says only that outputs are not built yet: no code or
+    params changed since dvc.lock was written. After a change, `dvc repro` and commit
+    dvc.lock with it."""
+    clone = project_copy(tmp_path)
+    status = json.loads(_dvc(["status", "--json"], clone))
+    stale = {stage: [change if isinstance(change, str) else
+                     {path: state for path, state in next(iter(change.values())).items()
+                      if not (path.startswith("outputs/") and state in ("deleted", "not in cache"))}
+                     for change in changes]
+             for stage, changes in status.items()}
+    stale = {stage: [c for c in changes if c] for stage, changes in stale.items()}
+    assert not {s: c for s, c in stale.items() if c}, "dvc.lock is stale: run `dvc repro`"
