@@ -34,7 +34,8 @@ LOWER_IS_BETTER = {"perplexity"}
 
 def evaluate_run(run: str, params: Params, prepared_dir: str | Path, predict_dir: str | Path,
                  out_dir: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score every variant's predictions of one train run; write metrics.json."""
+    """Score every variant's predictions of one train run; write evaluation.json (the full
+    record) and metrics.json (its numbers)."""
     spec = params.train.runs[run]
     return evaluate_predictions({"run": run, "task": spec.task, "model": spec.model}, params,
                                 prepared_dir, predict_dir, out_dir, plots_dir)
@@ -44,7 +45,7 @@ def evaluate_merge(name: str, params: Params, prepared_dir: str | Path, merge_di
                    predict_dir: str | Path, out_dir: str | Path,
                    plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score a merge's comparison (base, base + each adapter, merged) on its task; the
-    merge's own check (merged vs unmerged logits) is carried into metrics.json."""
+    merge's own check (merged vs unmerged logits) is carried into evaluation.json."""
     merge = params.merge[name]
     model = params.train.runs[merge.adapters[0]].model
     record = json.loads((Path(merge_dir) / "merge.json").read_text(encoding="utf-8"))
@@ -57,7 +58,7 @@ def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str
                          predict_dir: str | Path, out_dir: str | Path,
                          plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every `<variant>/<split>.jsonl` under `predict_dir` on `info["task"]`'s labeled
-    splits; write metrics.json (and confusion matrices for `dvc plots`)."""
+    splits; write evaluation.json, its numbers in metrics.json (and confusion matrices for `dvc plots`)."""
     settings = params.evaluate
     task = task_from_config(info["task"], params.tasks[info["task"]])
     prepared_dir, predict_dir = Path(prepared_dir), Path(predict_dir)
@@ -81,12 +82,30 @@ def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str
                      "predictions": {str(p.relative_to(predict_dir)): sha256_file(p)
                                      for p in sorted(predict_dir.rglob("*.jsonl"))}}
     with atomic_dir(out_dir) as scratch:
-        write_json(scratch / "metrics.json", result)
+        write_json(scratch / "evaluation.json", result)
+        write_json(scratch / "metrics.json", numbers_only(
+            {"metrics": metrics} | ({"merge_check": info["merge_check"]}
+                                    if "merge_check" in info else {})))
     if plots_dir is not None:
         with atomic_dir(plots_dir) as scratch:
             for name, rows in confusions.items():
                 _write_csv(scratch / f"confusion_{name}.csv", rows)
     return result
+
+
+def numbers_only(tree: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an evaluation, nested as they are, for `dvc metrics show`: a `<m>_ci95`
+    pair becomes `<m>_ci95_low` and `<m>_ci95_high`; names, flags and hashes stay in
+    evaluation.json beside it."""
+    numbers: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            numbers[key] = numbers_only(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers[key] = value
+        elif key.endswith("_ci95") and isinstance(value, (list, tuple)) and len(value) == 2:
+            numbers[f"{key}_low"], numbers[f"{key}_high"] = value
+    return numbers
 
 
 def score(task: Task, gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]],

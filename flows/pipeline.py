@@ -252,7 +252,7 @@ def _publish(params: Any, stages: list[Stage], outcome: dict[str, str], root: Pa
         if outcome.get(node.name, "").startswith(("failed", "skipped")):
             continue
         if node.group in ("evaluate", "evaluate_merge"):
-            metrics = json.loads((layout.evaluation(node.key) / "metrics.json").read_text())
+            metrics = json.loads((layout.evaluation(node.key) / "evaluation.json").read_text())
             key = metrics["ranking_metric"]
             create_table_artifact(
                 key=f"metrics-{slug(node.key)}", description=f"{node.key}: {key} by variant",

@@ -149,7 +149,7 @@ def test_a_model_that_collapsed_to_one_class_is_flagged(tmp_path) -> None:
         "train": {"runs": {"enc": {"model": "enc", "task": "t1"}}}})
     write_json(tmp_path / "prepare/t1/manifest.json", {"outputs": {"train.jsonl": "ab" * 32}})
     write_json(tmp_path / "train/enc/metrics.json", {"wall_s": 1.0})
-    write_json(tmp_path / "evaluate/enc/metrics.json",
+    write_json(tmp_path / "evaluate/enc/evaluation.json",
                {"metrics": {"adapter": {"valid": collapsed | {"f1_weighted_ci95": None}}}})
     build_report(params, tmp_path, tmp_path / "report")
     table = (tmp_path / "report/leaderboard.md").read_text()

@@ -52,11 +52,12 @@ def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
         assert re.search(rf"\| numllm( \(one class\))? \| {re.escape(variant)} \|", leaderboard)
     assert re.search(r"\| smollm2-edtsum \| base \| 0\.\d{4} ", leaderboard)  # real summaries
     assert "## Merges" in leaderboard and "near chance" in leaderboard
-    check = json.loads((clone / "outputs/evaluate/numllm/metrics.json").read_text())
+    check = json.loads((clone / "outputs/evaluate/numllm/evaluation.json").read_text())
     assert check["merge_check"]["passed"] and check["merge_check"]["max_abs_diff"] <= 1e-4
     metrics = _run(["dvc", "metrics", "show"], clone)
     assert "outputs/evaluate/smollm2-finarg_ecc/metrics.json" in metrics
-    assert "f1_weighted" in metrics and "rouge1" in metrics
+    assert "f1_weighted" in metrics and "rouge1" in metrics and "merge_check.max_abs_diff" in metrics
+    assert not re.search(r"[0-9a-f]{64}", metrics)  # numbers only: no hashes, no names
     assert "Data and pipelines are up to date" in _run(["dvc", "repro"], clone)
     assert "up to date" in _run(["dvc", "status"], clone)
 

@@ -98,12 +98,17 @@ def test_predict_and_evaluate_a_qlora_run(workspace, trained, tmp_path, mode) ->
             assert a["scores"] == pytest.approx(m["scores"], abs=1e-4)
     result = evaluate_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
                           tmp_path / "predict", tmp_path / "evaluate")
-    metrics = json.loads((tmp_path / "evaluate/metrics.json").read_text())
+    metrics = json.loads((tmp_path / "evaluate/evaluation.json").read_text())
     assert metrics == json.loads(json.dumps(result))
     valid = metrics["metrics"]["adapter"]["valid"]
     assert set(valid) >= {"accuracy", "f1_weighted", "f1_macro", "mcc", "missing_rate",
                           "f1_weighted_ci95"}
     assert "test" in metrics["metrics"]["adapter"]  # the demo test split is labeled
+    numbers = json.loads((tmp_path / "evaluate/metrics.json").read_text())  # dvc metrics show
+    low, high = valid["f1_weighted_ci95"]
+    assert numbers["metrics"]["adapter"]["valid"] == {
+        key: value for key, value in valid.items()
+        if type(value) in (int, float)} | {"f1_weighted_ci95_low": low, "f1_weighted_ci95_high": high}
 
 
 def test_greedy_decoding_equals_transformers_generate(tiny) -> None:

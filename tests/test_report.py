@@ -20,7 +20,7 @@ def test_leaderboard_ranks_runs_and_lists_anchors(tmp_path: Path) -> None:
     write_json(tmp_path / "prepare/finarg_ecc/manifest.json",
                {"outputs": {"train.jsonl": "ab" * 32}})
     for run, variant, f1 in (("maj", "baseline", 0.36), ("enc", "adapter", 0.75)):
-        write_json(tmp_path / "evaluate" / run / "metrics.json", {"metrics": {variant: {
+        write_json(tmp_path / "evaluate" / run / "evaluation.json", {"metrics": {variant: {
             "valid": {"rows": 969, "f1_weighted": f1, "f1_weighted_ci95": [f1 - 0.03, f1 + 0.03],
                       "accuracy": f1, "f1_macro": f1, "mcc": 0.1, "missing_rate": 0.0}}}})
         write_json(tmp_path / "train" / run / "metrics.json",
