@@ -14,12 +14,33 @@ from fin_tasks.config import Params, parse_params
 
 for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "DO_NOT_TRACK": "1",
                    "DVC_NO_ANALYTICS": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                   "TOKENIZERS_PARALLELISM": "false"}.items():
+                   "TOKENIZERS_PARALLELISM": "false",
+                   # as the CLI sets it for itself (tests call its main() in this process)
+                   "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                   # a busy 2-core machine can take more than the default 30 s
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
     os.environ.setdefault(key, value)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FINARG_CHOICES = ["premise", "claim"]
+
+
+@pytest.fixture(autouse=True)
+def _environment_left_as_found():
+    """Every test leaves os.environ as it found it, so that the suite passes in any order
+    (monkeypatch.setenv is undone before this check runs)."""
+    before = dict(os.environ)
+    yield
+    after = dict(os.environ)
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST")
+    for key in changed:  # restore, so that one leak fails one test, not every later one
+        if key in before:
+            os.environ[key] = before[key]
+        else:
+            os.environ.pop(key, None)
+    assert not changed, f"the test changed these environment variables: {', '.join(changed)}"
 
 
 def finarg_record(number: int, label: str = "premise", text: str | None = None) -> dict:
