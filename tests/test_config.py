@@ -199,3 +199,28 @@ def test_params_yaml_is_written_as_dvc_writes_it_back(tmp_path) -> None:
         if line[:1] in "+-" and line[:3] not in ("+++", "---")]
     assert diff == ["-      hyper: {lr: 1.0e-3, max_length: 256}",
                     "+      hyper: {lr: 0.002, max_length: 256}"]
+
+
+def test_dvc_yaml_outputs_are_where_the_code_writes_them() -> None:
+    """Output paths are written twice, in dvc.yaml and in fin_tasks/layout.py: they agree."""
+    from fin_tasks.layout import Layout
+
+    layout = Layout()
+    where = {
+        "corpus": lambda k: {layout.corpus(k)}, "questions": lambda k: {layout.questions(k)},
+        "prepare": lambda k: {layout.prepared(k)}, "base": lambda k: {layout.base(k)},
+        "train": lambda k: {layout.trained(k), layout.plots("train", k)},
+        "predict": lambda k: {layout.predictions(k)}, "merge": lambda k: {layout.merged(k)},
+        "predict_merge": lambda k: {layout.predictions(k)},
+        "submit": lambda k: {layout.submission(k)}, "report": lambda k: {layout.report()}}
+    for group in ("evaluate", "evaluate_merge"):
+        where[group] = lambda k: {layout.evaluation(k) / "evaluation.json",
+                                  layout.evaluation(k) / "metrics.json",
+                                  layout.plots("evaluate", k)}
+    stages = _expanded_stages(yaml.safe_load((ROOT / "params.yaml").read_text()))
+    assert {name.split("@")[0] for name, _ in stages} == set(where)
+    for name, stage in stages:
+        group, _, key = name.partition("@")
+        declared = {Path(next(iter(o)) if isinstance(o, dict) else o)
+                    for kind in ("outs", "metrics", "plots") for o in stage.get(kind, [])}
+        assert declared == where[group](key), name
