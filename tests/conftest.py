@@ -26,6 +26,12 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 FINARG_CHOICES = ["premise", "claim"]
 
 
+# set by pytest itself, or once by a library when it is first imported (scikit-learn's
+# OpenMP switches, torch's compile cache): not a test's doing
+SET_BY_LIBRARIES = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                    "TORCHINDUCTOR_CACHE_DIR"}
+
+
 @pytest.fixture(autouse=True)
 def _environment_left_as_found():
     """Every test leaves os.environ as it found it, so that the suite passes in any order
@@ -34,7 +40,7 @@ def _environment_left_as_found():
     yield
     after = dict(os.environ)
     changed = sorted(k for k in before.keys() | after.keys()
-                     if before.get(k) != after.get(k) and k != "PYTEST_CURRENT_TEST")
+                     if before.get(k) != after.get(k) and k not in SET_BY_LIBRARIES)
     for key in changed:  # restore, so that one leak fails one test, not every later one
         if key in before:
             os.environ[key] = before[key]
