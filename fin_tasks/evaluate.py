@@ -58,7 +58,8 @@ def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str
                          predict_dir: str | Path, out_dir: str | Path,
                          plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every `<variant>/<split>.jsonl` under `predict_dir` on `info["task"]`'s labeled
-    splits; write evaluation.json, its numbers in metrics.json (and confusion matrices for `dvc plots`)."""
+    splits; write evaluation.json, its numbers in metrics.json, and confusion matrices for
+    `dvc plots`."""
     settings = params.evaluate
     task = task_from_config(info["task"], params.tasks[info["task"]])
     prepared_dir, predict_dir = Path(prepared_dir), Path(predict_dir)

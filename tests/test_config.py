@@ -114,7 +114,7 @@ def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
     seen = set() if seen is None else seen
     for node in ast.walk(ast.parse(path.read_text())):
         names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-        if isinstance(node, ast.ImportFrom) and node.module == "fin_tasks":  # from fin_tasks import x
+        if isinstance(node, ast.ImportFrom) and node.module == "fin_tasks":  # import a module
             names += [f"fin_tasks.{a.name}" for a in node.names]
         names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
         for name in names:
