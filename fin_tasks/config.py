@@ -374,6 +374,10 @@ class PredictConfig(Strict):
     into a dequantized base. Baselines and fully fine-tuned runs have one variant each."""
     splits: tuple[Literal["valid", "test"], ...] = ("valid", "test")
     """Prepared splits to predict."""
+    dequantize: bool = False
+    """Predict with a 4-bit base's weights dequantized once, at load, to the compute dtype: the
+    values the 4-bit layers compute with, without unpacking them at every forward pass (faster
+    on a CPU, at the float weights' memory). The merged variant is dequantized anyway."""
     base_splits: tuple[Literal["valid", "test"], ...] | None = None
     """Splits the `base` (zero-shot) variant of a trained run predicts (None: `splits`).
     `[valid]` spares a CPU the test pass of a model that is compared but not submitted;

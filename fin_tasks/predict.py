@@ -245,16 +245,17 @@ def variants_for(config: ModelConfig, settings: PredictConfig,
 
 
 def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], base_dir: Path,
-                 train_dir: Path) -> Any:
-    """A model ready for inference: base, base + adapter, merged, or fully tuned weights."""
+                 train_dir: Path, dequantize: bool = False) -> Any:
+    """A model ready for inference: base, base + adapter, merged, or fully tuned weights.
+    `dequantize`: a 4-bit base computes from its dequantized weights (`PredictConfig`)."""
     if variant == "full":
         check_trained_weights(train_dir / "model")
         return load_base(config, BaseRef(str(train_dir / "model")), labels)
     if variant == "merged":
         base = dequantized(load_base(config, read_base_ref(base_dir), labels), config)
         return with_adapter(base, train_dir / "adapter").merge_and_unload()
-    base = load_base(config, read_base_ref(base_dir), labels)
-    return base if variant == "base" else with_adapter(base, train_dir / "adapter")
+    adapter_dir = None if variant == "base" else train_dir / "adapter"
+    return _with_saved_adapter(config, base_dir, adapter_dir, labels, dequantize)
 
 
 def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
@@ -335,10 +336,12 @@ def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir:
     merged = config.model_copy(update={"quantization": config.quantization
                                        if merge.requantize else None})
     loaders: dict[str, Callable[[], Any]] = {
-        "base": lambda: load_base(config, read_base_ref(base_dir), task.labels)}
+        "base": partial(_with_saved_adapter, config, base_dir, None, task.labels,
+                        settings.dequantize)}
     for run in merge.adapters:
         loaders[f"+{run}"] = partial(_with_saved_adapter, config, base_dir,
-                                     train_root / run / "adapter", task.labels)
+                                     train_root / run / "adapter", task.labels,
+                                     settings.dequantize)
     loaders["merged"] = lambda: load_base(merged, BaseRef(str(merge_dir / "model")), task.labels)
     predictors = {variant: partial(_model_predictor, load, tokenizer_dir, task, config,
                                    settings, max_length)
@@ -348,9 +351,13 @@ def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir:
     return _predict_variants(info, task, config, predictors, settings, prepared_dir, out_dir)
 
 
-def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path,
-                        labels: tuple[str, ...]) -> Any:
-    return with_adapter(load_base(config, read_base_ref(base_dir), labels), adapter_dir)
+def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path | None,
+                        labels: tuple[str, ...], dequantize: bool) -> Any:
+    """The base (dequantized if asked), carrying the adapter in `adapter_dir` if one."""
+    base = load_base(config, read_base_ref(base_dir), labels)
+    if dequantize:
+        base = dequantized(base, config)
+    return base if adapter_dir is None else with_adapter(base, adapter_dir)
 
 
 def _predict_variants(info: dict[str, Any], task: Task, config: ModelConfig,
@@ -397,7 +404,7 @@ def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, tr
         return lambda records: [{"output": text, "label": parse(task, text)}
                                 for text in baselines.outputs(fitted, records)]
     return _model_predictor(partial(load_variant, variant, config, task.labels, base_dir,
-                                    train_dir),
+                                    train_dir, settings.dequantize),
                             train_dir / "tokenizer", task, config, settings, max_length)
 
 

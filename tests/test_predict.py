@@ -205,3 +205,32 @@ def test_nan_logits_are_an_error_not_an_empty_answer(tiny) -> None:
         generate(broken, tokenizer, PROMPTS[:1], max_new_tokens=4)
     with pytest.raises(ModelError, match="NaN logits"):
         score_choices(broken, tokenizer, PROMPTS[:1], ["premise", "claim"])
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_a_dequantized_base_predicts_what_the_4bit_base_predicts(
+        workspace, trained, tmp_path, mode) -> None:
+    """`predict.dequantize` computes from the values the 4-bit layers use: the same outputs."""
+    from fin_tasks.config import parse_params
+
+    out, params = trained
+    raw = params.model_dump(mode="json")
+    predicted = {}
+    for dequantize in (False, True):
+        raw["predict"] = {"mode": mode, "variants": ["base", "adapter"], "splits": ["valid"],
+                          "batch_size": 4, "dequantize": dequantize}
+        predict_run("tiny-t1", parse_params(raw), workspace / "prepare/finarg_ecc",
+                    workspace / "base/tiny", out / "tiny-t1", tmp_path / str(dequantize))
+        predicted[dequantize] = {v: read_jsonl(tmp_path / str(dequantize) / v / "valid.jsonl")
+                                 for v in ("base", "adapter")}
+    for variant in ("base", "adapter"):
+        quantized, plain = predicted[False][variant], predicted[True][variant]
+        assert [r["output"] for r in quantized] == [r["output"] for r in plain]
+        for q, p in zip(quantized, plain):
+            assert q.get("scores") == pytest.approx(p.get("scores"), abs=1e-4)
+    from fin_tasks.predict import load_variant
+
+    model = load_variant("adapter", params.models["tiny"], ("premise", "claim"),
+                         workspace / "base/tiny", out / "tiny-t1", dequantize=True)
+    layers = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" not in layers and "Linear" in layers
