@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
 import importlib.metadata
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,17 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
         for row in rows:
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def write_csv(path: str | Path, rows: Iterable[dict[str, Any]],
+              fields: Sequence[str]) -> None:
+    """Write `rows` as a UTF-8 CSV with a header of `fields` (keys beyond them ignored)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -18,8 +18,6 @@ from typing import Any
 from fin_tasks.artifacts import atomic_dir, package_versions, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
 from fin_tasks.errors import ModelError
-from fin_tasks.models import SOURCE_FILE, resolve_source
-from fin_tasks.tiny import build_tiny
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +30,8 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
         if config.kind in BASELINE_KINDS:
             info = {"model": name, "baseline": config.kind}
         elif config.tiny is not None:
+            from fin_tasks.tiny import build_tiny
+
             tasks = config.tiny.tokenizer_tasks or tuple(params.tasks)
             build_tiny(config.tiny, _train_texts(Path(prepared_root), tasks), scratch)
             info = {"model": name, "built": "tiny", "tokenizer_tasks": list(tasks)}
@@ -42,6 +42,8 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
                     "license": config.gguf.license, "gguf_sha256": config.gguf.sha256,
                     "converted": convert(config.gguf, scratch)}
         else:
+            from fin_tasks.models import SOURCE_FILE, resolve_source
+
             check_local_source(resolve_source(config.source, config.revision).name_or_path)
             info = {"model": name, "source": config.source, "revision": config.revision}
             write_json(scratch / SOURCE_FILE, info)

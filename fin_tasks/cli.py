@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from fin_tasks.config import Params, Run, load_params
+from fin_tasks.config import BASELINE_KINDS, Params, Run, load_params
 from fin_tasks.layout import Layout
 from fin_tasks.errors import ConfigError, DataError, ModelError, OutputError
 
@@ -68,13 +68,19 @@ def _runs(args: argparse.Namespace) -> Iterator[tuple[Params, str, Run, Layout]]
 
 
 def _train(args: argparse.Namespace) -> None:
-    from fin_tasks.train import train
-
     for params, name, spec, layout in _runs(args):
-        metrics = train(name, params, layout.prepared(spec.task), layout.base(spec.model),
-                        layout.trained(name), checkpoint_root=args.checkpoints,
-                        plots_dir=layout.plots("train", name),
-                        micro_batch_divisor=args.micro_batch_divisor)
+        if params.models[spec.model].kind in BASELINE_KINDS:  # no torch to import
+            from fin_tasks.baselines import train_baseline
+
+            metrics = train_baseline(name, params, layout.prepared(spec.task),
+                                     layout.trained(name), layout.plots("train", name))
+        else:
+            from fin_tasks.train import train
+
+            metrics = train(name, params, layout.prepared(spec.task), layout.base(spec.model),
+                            layout.trained(name), checkpoint_root=args.checkpoints,
+                            plots_dir=layout.plots("train", name),
+                            micro_batch_divisor=args.micro_batch_divisor)
         speed = f", {metrics['tokens_per_s']:.0f} tokens/s" if metrics["tokens_per_s"] else ""
         print(f"train {name}: {metrics['steps']} steps{speed}, best valid "
               f"{metrics['best_valid']} -> {layout.trained(name)}")

@@ -9,7 +9,6 @@ metric gets a bootstrap 95% interval.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
+from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv, write_json
 from fin_tasks.config import EvaluateConfig, Params
 from fin_tasks.metrics import (bertscore_f1, bootstrap_ci, classification_ci,
                                classification_metrics, rouge_scores)
@@ -90,7 +89,7 @@ def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str
     if plots_dir is not None:
         with atomic_dir(plots_dir) as scratch:
             for name, rows in confusions.items():
-                _write_csv(scratch / f"confusion_{name}.csv", rows)
+                write_csv(scratch / f"confusion_{name}.csv", rows, ["actual", "predicted"])
     return result
 
 
@@ -183,9 +182,3 @@ def _summarization(gold: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]
                "empty_outputs": int(sum(1 for c in candidates if not c.strip()))}
     return result
 
-
-def _write_csv(path: Path, rows: list[dict[str, str]]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["actual", "predicted"])
-        writer.writeheader()
-        writer.writerows(rows)

@@ -13,7 +13,6 @@ is written in FinEval's layout (`dev/<subject>_dev.csv`, `val/<subject>_val.csv`
 
 from __future__ import annotations
 
-import csv
 import logging
 import re
 from collections import Counter
@@ -27,7 +26,8 @@ import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
-from fin_tasks.artifacts import atomic_dir, package_versions, read_jsonl, sha256_file, write_json
+from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
+                                 write_csv, write_json)
 from fin_tasks.config import QuestionsConfig
 from fin_tasks.corpus import sentences
 from fin_tasks.errors import DataError
@@ -36,6 +36,7 @@ from fin_tasks.tasks import has_numeric
 log = logging.getLogger(__name__)
 
 LETTERS = ("A", "B", "C", "D")
+QUESTION_FIELDS = ("id", "question", *LETTERS, "answer", "explanation")
 BLANK = "____"
 _SENTENCE_ENDS = ("。", "！", "？", ".", "!", "?")
 # A number not glued to a preceding digit, letter or separator, its sign, and its unit.
@@ -250,7 +251,8 @@ def build_questions(name: str, config: QuestionsConfig, corpus_dir: str | Path,
     with atomic_dir(out_dir) as scratch:
         for part, rows in parts.items():
             if len(rows):
-                _write_csv(scratch / part / f"{config.subject}_{part}.csv", rows)
+                write_csv(scratch / part / f"{config.subject}_{part}.csv",
+                          rows.to_dict("records"), QUESTION_FIELDS)
         write_json(scratch / "manifest.json", manifest)
     log.info("questions %s: %d built (%d numeric, %d term), dev %d / val %d", name, len(frame),
              n_numeric, n_terms, len(parts["dev"]), len(parts["val"]))
@@ -276,11 +278,3 @@ def _row(index: int, question: Question, rng: np.random.Generator) -> dict[str, 
             **{LETTERS[slot]: options[k] for slot, k in enumerate(order)},
             "answer": LETTERS[order.index(0)], "explanation": question.sentence}
 
-
-def _write_csv(path: Path, frame: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["id", "question", *LETTERS, "answer",
-                                                    "explanation"])
-        writer.writeheader()
-        writer.writerows(frame.to_dict("records"))

@@ -8,7 +8,6 @@ dynamically; gradients accumulate; the learning rate warms up then decays.
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
 import json
@@ -27,8 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from fin_tasks import baselines
-from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, read_jsonl,
-                                 sha256_file, write_json)
+from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, sha256_file,
+                                 write_csv, write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (base_identity, data_parallel, device_for, load_base,
@@ -36,6 +35,7 @@ from fin_tasks.models import (base_identity, data_parallel, device_for, load_bas
                               resolved_quantization, sum_gradients, trainable_state,
                               weight_hashes, with_lora, WEIGHTS_KEY)
 from fin_tasks.prompting import IGNORE, encode_example
+from fin_tasks.runs import run_record, training_records, write_loss_plots
 from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
@@ -266,12 +266,10 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
     check_writable(out_dir)  # before the training that would fill it
     if config.kind in BASELINE_KINDS:
-        metrics = _fit_baseline(run, params, task, prepared_dir, out_dir)
-        _write_plots(plots_dir, [], [])
-        return metrics
+        return baselines.train_baseline(run, params, prepared_dir, out_dir, plots_dir)
     if spec.zero_shot:
         metrics = _zero_shot(run, params, prepared_dir, base_dir, out_dir)
-        _write_plots(plots_dir, [], [])
+        write_loss_plots(plots_dir, [], [])
         return metrics
     device = device_for(config)
     rank, world = data_parallel(device)
@@ -287,7 +285,7 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     if task.kind == "corpus" and config.kind != "causal":
         raise ModelError(f"run '{run}': continual pre-training on corpus '{spec.task}' needs a "
                          f"causal LM, not a '{config.kind}' model")
-    train_set, valid_set = (encode(_training_records(prepared_dir / f"{split}.jsonl", task),
+    train_set, valid_set = (encode(training_records(prepared_dir / f"{split}.jsonl", task),
                                    tokenizer, config, hyper.max_length, task)
                             for split in ("train", "valid"))
     loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config,
@@ -299,7 +297,7 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
         return {"run": run, "rank": rank, "steps": progress.step}
     metrics = _save(run, params, hyper, model, tokenizer, loop, progress, out_dir, ref,
                     base_dir, fingerprint, prepared_dir, checkpoint_dir)
-    _write_plots(plots_dir, loop.history, loop.valid_history)
+    write_loss_plots(plots_dir, loop.history, loop.valid_history)
     _finish(world)
     return metrics
 
@@ -313,37 +311,6 @@ def _finish(world: int) -> None:
         dist.destroy_process_group()
 
 
-def _write_plots(plots_dir: str | Path | None, history: list[dict[str, Any]],
-                 valid_history: list[dict[str, Any]]) -> None:
-    """Loss curves for `dvc plots` (header-only files for a run without steps)."""
-    if plots_dir is None:
-        return
-    with atomic_dir(plots_dir) as scratch:
-        _write_csv(scratch / "train_loss.csv",
-                   [{"step": r["step"], "train_loss": r["train_loss"]} for r in history],
-                   ["step", "train_loss"])
-        _write_csv(scratch / "valid_loss.csv",
-                   [{"step": r["step"], "valid_loss": r["valid_loss"]} for r in valid_history],
-                   ["step", "valid_loss"])
-
-
-def _fit_baseline(run: str, params: Params, task: Any, prepared_dir: Path,
-                  out_dir: str | Path) -> dict[str, Any]:
-    """A baseline 'trains' by reading the train split (majority) or not at all (lead)."""
-    spec = params.train.runs[run]
-    started = time.perf_counter()
-    fitted = baselines.fit(params.models[spec.model], task,
-                           _labeled_records(prepared_dir / "train.jsonl"))
-    metrics = {"run": run, "model": spec.model, "task": spec.task, "steps": 0,
-               "wall_s": round(time.perf_counter() - started, 3), "peak_memory_bytes": None,
-               "tokens_per_s": None, "best_valid": None, "baseline": fitted}
-    with atomic_dir(out_dir) as scratch:
-        write_json(scratch / "baseline.json", fitted)
-        write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", _run_record(params, run, prepared_dir) | {
-            "packages": package_versions(("fin-tasks",))})
-    log.info("baseline %s: %s", run, {k: v for k, v in fitted.items() if k != "counts"})
-    return metrics
 
 
 def _zero_shot(run: str, params: Params, prepared_dir: Path, base_dir: Path,
@@ -357,29 +324,14 @@ def _zero_shot(run: str, params: Params, prepared_dir: Path, base_dir: Path,
     with atomic_dir(out_dir) as scratch:
         load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", _run_record(params, run, prepared_dir) | {
+        write_json(scratch / "train_config.json", run_record(params, run, prepared_dir) | {
             "quantization": resolved_quantization(params.models[spec.model]),
             "base": base_identity(ref, base_dir), "packages": package_versions()})
     log.info("zero-shot %s: nothing to train; %s answers as it is", run, spec.model)
     return metrics
 
 
-def _run_record(params: Params, run: str, prepared_dir: Path) -> dict[str, Any]:
-    """What every run's train_config.json holds: its entry, model, task and data hashes."""
-    spec = params.train.runs[run]
-    return {"run": spec.model_dump(mode="json"),
-            "model": params.models[spec.model].model_dump(mode="json"),
-            "task": params.tasks[spec.task].model_dump(mode="json"),
-            "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))}}
 
-
-def _labeled_records(path: Path) -> list[dict[str, Any]]:
-    return [r for r in read_jsonl(path) if r.get("answer") is not None]
-
-
-def _training_records(path: Path, task: Task) -> list[dict[str, Any]]:
-    """Records a run learns from: every text of a corpus, else the labeled records."""
-    return read_jsonl(path) if task.kind == "corpus" else _labeled_records(path)
 
 
 def _seed_everything(seed: int) -> None:
@@ -646,10 +598,10 @@ def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, lo
     with atomic_dir(out_dir) as scratch:
         model.save_pretrained(scratch / weights, safe_serialization=True)
         tokenizer.save_pretrained(scratch / "tokenizer")
-        _write_csv(scratch / "history.csv", loop.history)
-        _write_csv(scratch / "valid.csv", loop.valid_history)
+        for name, rows in (("history.csv", loop.history), ("valid.csv", loop.valid_history)):
+            write_csv(scratch / name, rows, list(rows[0]) if rows else ["step"])
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", _run_record(params, run, prepared_dir) | {
+        write_json(scratch / "train_config.json", run_record(params, run, prepared_dir) | {
             "hyper": hyper.model_dump(mode="json"),
             "quantization": resolved_quantization(config),
             "base": base_identity(ref, base_dir),
@@ -659,11 +611,3 @@ def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, lo
     log.info("trained %s: %d steps, %.1f tokens/s, peak memory %.0f MiB -> %s", run,
              progress.step, metrics["tokens_per_s"], metrics["peak_memory_bytes"] / 2**20, out_dir)
     return metrics
-
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str] | None = None) -> None:
-    fields = fields or (list(rows[0]) if rows else ["step"])
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)

@@ -15,8 +15,9 @@ from fin_tasks.errors import ConfigError, ModelError
 from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
                               read_base_ref, with_adapter, with_lora)
 from fin_tasks.prompting import IGNORE, render_prompt
+from fin_tasks.artifacts import read_jsonl
 from fin_tasks.train import (Progress, _Loop, collate, encode, encode_causal, epoch_batches,
-                             read_jsonl, train)
+                             train)
 
 from conftest import QUANT, make_params
 
@@ -296,3 +297,27 @@ def test_loss_at_answer_positions_only_equals_the_full_logits_loss(workspace) ->
             ignore_index=IGNORE, reduction="sum")
     assert terms == int((batch["labels"][:, 1:] != IGNORE).sum()) > 0
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_baselines_stages_up_to_train_never_import_torch(tmp_path: Path) -> None:
+    """prepare, base and train of a baseline start in a second, not after torch's import."""
+    import subprocess
+
+    from conftest import ROOT
+
+    script = ("import sys\nfrom fin_tasks.cli import main\n"
+              "out, *stages = sys.argv[1:]\n"
+              "for stage in stages:\n"
+              "    sys.argv = ['fin-tasks', *stage.split(), '--out-dir', out]\n"
+              "    main()\n"
+              "print('torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path),
+                           "prepare --task finarg_ecc", "base --model majority",
+                           "train --run majority-finarg_ecc"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "False"
+    fitted = (tmp_path / "train/majority-finarg_ecc/baseline.json").read_text()
+    assert '"label": "claim"' in fitted  # 20 claims, 17 premises in the demo's train split
+    assert (tmp_path / "plots/train/majority-finarg_ecc/train_loss.csv").read_text() == (
+        "step,train_loss\n")
