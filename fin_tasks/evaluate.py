@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import numpy as np
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv, write_json
 from fin_tasks.config import EvaluateConfig, Params
 from fin_tasks.metrics import (bertscore_f1, bootstrap_ci, classification_ci,
-                               classification_metrics, rouge_scores)
+                               classification_metrics, perplexity, rouge_scores)
 from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
@@ -151,10 +150,6 @@ def _by_group(gold: Sequence[dict[str, Any]], golds: list[str], preds: list[str]
 def _perplexity(rows: Sequence[dict[str, Any]], settings: EvaluateConfig) -> dict[str, Any]:
     """Held-out perplexity over all predicted tokens (exp of the mean token loss)."""
     pairs = [(r["nll"], r["tokens"]) for r in rows]
-
-    def perplexity(sample: Sequence[tuple[float, int]]) -> float:
-        return math.exp(sum(n for n, _ in sample) / max(sum(t for _, t in sample), 1))
-
     tokens = sum(t for _, t in pairs)
     return {"perplexity": perplexity(pairs), "loss": sum(n for n, _ in pairs) / max(tokens, 1),
             "tokens": tokens, "rows": len(rows),

@@ -9,6 +9,7 @@ Summarization: ROUGE-1/2/L F-measure from rouge-score without stemming.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -72,6 +73,11 @@ def rouge_scores(references: Sequence[str], predictions: Sequence[str]) -> dict[
         for key in scores:
             scores[key].append(result[key].fmeasure)
     return scores
+
+
+def perplexity(losses: Sequence[tuple[float, int]]) -> float:
+    """exp of the mean token loss, from (summed negative log-likelihood, tokens) pairs."""
+    return math.exp(sum(n for n, _ in losses) / max(sum(t for _, t in losses), 1))
 
 
 def bootstrap_ci(values: Sequence[Any], statistic: Any, resamples: int, seed: int,

@@ -13,25 +13,21 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import shutil
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
 from fin_tasks.evaluate import RANKING
 from fin_tasks.layout import Layout
-from fin_tasks.metrics import MISSING
-from fin_tasks.models import BaseRef, load_tokenizer, read_base_ref
-from fin_tasks.predict import load_variant
+from fin_tasks.metrics import MISSING, perplexity
 from fin_tasks.tasks import Task, task_from_config
 
 log = logging.getLogger(__name__)
+LEAKAGE_MAX_LENGTH = 512  # tokens per window of the leakage test's perplexity
 
 
 class SubmissionError(ValueError):
@@ -98,31 +94,16 @@ def validate_bundle(task: Task, test: Sequence[dict[str, Any]],
     return report
 
 
-@torch.no_grad()
-def perplexity(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 512) -> float:
-    """Token-level perplexity of a causal LM on `texts`."""
-    device = next(model.parameters()).device
-    model.eval()
-    total, count = 0.0, 0
-    for text in texts:
-        ids = tokenizer(text, truncation=True, max_length=max_length,
-                        return_tensors="pt")["input_ids"].to(device)
-        if ids.shape[1] < 2:
-            continue
-        logits = model(input_ids=ids).logits[0, :-1].float()
-        total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    return math.exp(total / max(count, 1))
-
-
 def leakage_test(model: Any, tokenizer: Any, train: Sequence[dict[str, Any]],
                  test: Sequence[dict[str, Any]], rows: int) -> dict[str, float]:
     """The organizers' data leakage test: perplexity on test minus perplexity on train.
 
     A model that saw the test set tends to find it easier than its own training data,
     which drives the difference down (below zero)."""
-    train_ppl = perplexity(model, tokenizer, [r["text"] for r in train[:rows]])
-    test_ppl = perplexity(model, tokenizer, [r["text"] for r in test[:rows]])
+    from fin_tasks.predict import text_losses
+
+    train_ppl = perplexity(text_losses(model, tokenizer, train[:rows], LEAKAGE_MAX_LENGTH))
+    test_ppl = perplexity(text_losses(model, tokenizer, test[:rows], LEAKAGE_MAX_LENGTH))
     return {"rows": min(rows, len(train), len(test)), "train_perplexity": round(train_ppl, 4),
             "test_perplexity": round(test_ppl, 4),
             "test_minus_train": round(test_ppl - train_ppl, 4)}
@@ -150,6 +131,9 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     train_dir, base_dir = layout.trained(run), layout.base(spec.model)
     model = None
     if config.kind == "causal" and params.submit.leakage_rows:
+        from fin_tasks.models import BaseRef, load_tokenizer
+        from fin_tasks.predict import load_variant
+
         model = load_variant(variant, config, task.labels, base_dir, train_dir)
         tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
         train = read_jsonl(layout.prepared(task_name) / "train.jsonl")
@@ -192,10 +176,14 @@ def _bundle_model(target: Path, params: Params, run: str, variant: str, base_dir
         shutil.copytree(train_dir / "tokenizer", target, dirs_exist_ok=True)
         return {"kind": "weights", "variant": variant}
     if variant == "merged" and params.submit.merged_weights:
+        from fin_tasks.predict import load_variant
+
         merged = model or load_variant("merged", config, labels, base_dir, train_dir)
         merged.save_pretrained(target, safe_serialization=True)
         shutil.copytree(train_dir / "tokenizer", target, dirs_exist_ok=True)
         return {"kind": "weights", "variant": variant}
+    from fin_tasks.models import read_base_ref
+
     ref = read_base_ref(base_dir)
     if variant != "base":
         shutil.copytree(train_dir / "adapter", target / "adapter")

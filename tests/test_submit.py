@@ -106,3 +106,39 @@ def test_a_duplicate_conflicting_id_is_refused_by_name(scored_baseline) -> None:
     with pytest.raises(SubmissionError, match=rf"duplicate ids: {first['id']} \(predicted "):
         submit_task("finarg_ecc", params, root, root / "submit/finarg_ecc")
     assert not (root / "submit").exists()
+
+
+def test_the_leakage_test_is_test_minus_train_perplexity(workspace) -> None:
+    """Each text scored as continual pre-training scores it: every token after the first,
+    the end-of-text token included, exp of the mean loss."""
+    import math
+
+    import torch
+
+    from conftest import make_params
+    from fin_tasks.models import load_base, load_tokenizer, read_base_ref
+    from fin_tasks.submit import leakage_test
+
+    ref = read_base_ref(workspace / "base/tiny")
+    model = load_base(make_params({"quantization": None}).models["tiny"], ref).eval()
+    tokenizer = load_tokenizer(ref)
+    train = [{"text": "Revenue rose 12% in the quarter."}, {"text": "Margins improve."},
+             {"text": "Not read: beyond the rows asked for."}]
+    test = [{"text": "Costs fell sharply."}]
+
+    def by_hand(texts: list[str]) -> float:
+        total, count = 0.0, 0
+        for text in texts:
+            ids = tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]),
+                                                             reduction="sum"))
+            count += len(ids) - 1
+        return math.exp(total / count)
+
+    result = leakage_test(model, tokenizer, train, test, rows=2)
+    train_ppl, test_ppl = by_hand([r["text"] for r in train[:2]]), by_hand([test[0]["text"]])
+    assert result["rows"] == 1
+    assert result["train_perplexity"] == pytest.approx(train_ppl, rel=1e-4)
+    assert result["test_minus_train"] == pytest.approx(test_ppl - train_ppl, rel=1e-3, abs=1e-3)
