@@ -19,6 +19,7 @@ import numpy as np
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv, write_json
 from fin_tasks.config import EvaluateConfig, Params
+from fin_tasks.layout import EVALUATION_FILE
 from fin_tasks.metrics import (bertscore_f1, bootstrap_ci, classification_ci,
                                classification_metrics, perplexity, rouge_scores)
 from fin_tasks.tasks import Task, task_from_config
@@ -81,7 +82,7 @@ def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str
                      "predictions": {str(p.relative_to(predict_dir)): sha256_file(p)
                                      for p in sorted(predict_dir.rglob("*.jsonl"))}}
     with atomic_dir(out_dir) as scratch:
-        write_json(scratch / "evaluation.json", result)
+        write_json(scratch / EVALUATION_FILE, result)
         write_json(scratch / "metrics.json", numbers_only(
             {"metrics": metrics} | ({"merge_check": info["merge_check"]}
                                     if "merge_check" in info else {})))

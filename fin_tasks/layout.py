@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
+
+EVALUATION_FILE = "evaluation.json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class Layout:
 
     def evaluation(self, key: str) -> Path:
         return self.root / "evaluate" / key
+
+    def read_evaluation(self, key: str) -> dict:
+        """The full record `evaluate` wrote for a run or merge (metrics.json holds its numbers
+        only, for `dvc metrics`)."""
+        return json.loads((self.evaluation(key) / EVALUATION_FILE).read_text(encoding="utf-8"))
 
     def plots(self, stage: str, run: str) -> Path:
         return self.root / "plots" / stage / run

@@ -73,7 +73,7 @@ def leaderboard_rows(params: Params, layout: Layout,
 
 def _rows(params: Params, layout: Layout, key: str, task_name: str, model: str,
           training: dict[str, Any]) -> list[dict[str, Any]]:
-    evaluation = json.loads((layout.evaluation(key) / "evaluation.json").read_text())
+    evaluation = layout.read_evaluation(key)
     task = task_from_config(task_name, params.tasks[task_name])
     manifest = json.loads((layout.prepared(task_name) / "manifest.json").read_text())
     metric = RANKING[task.kind]
@@ -136,7 +136,7 @@ def _merge_lines(params: Params, layout: Layout, failed: dict[str, str]) -> list
     for name, merge in params.merge.items():
         if name in failed:
             continue
-        check = json.loads((layout.evaluation(name) / "evaluation.json").read_text())["merge_check"]
+        check = layout.read_evaluation(name)["merge_check"]
         lines.append(f"- {name}: {merge.method} of {', '.join(merge.adapters)}: max |logit "
                      f"difference| {check['max_abs_diff']:.3g} (mean {check['mean_abs_diff']:.3g})"
                      f" over {check['probe_tokens']} probe tokens, limit "

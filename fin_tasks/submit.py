@@ -46,7 +46,7 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
         baseline = params.models[spec.model].kind in BASELINE_KINDS
         if choice.run == "auto" and baseline and not choice.include_baselines:
             continue
-        metrics = json.loads((layout.evaluation(run) / "evaluation.json").read_text())["metrics"]
+        metrics = layout.read_evaluation(run)["metrics"]
         for variant, splits in metrics.items():
             predicted_test = (layout.predictions(run) / variant / "test.jsonl").exists()
             if choice.variant in ("auto", variant) and "valid" in splits and predicted_test:
@@ -118,7 +118,7 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     spec = params.train.runs[run]
     config = params.models[spec.model]
     test = read_jsonl(layout.prepared(task_name) / "test.jsonl")
-    evaluation = json.loads((layout.evaluation(run) / "evaluation.json").read_text())
+    evaluation = layout.read_evaluation(run)
     predictions_file = layout.predictions(run) / variant / "test.jsonl"
     scored = evaluation.get("predictions", {}).get(f"{variant}/test.jsonl")
     if scored != sha256_file(predictions_file):

@@ -14,7 +14,6 @@ does not stop the others; what depends on it is skipped and the report names it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import socket
@@ -252,7 +251,7 @@ def _publish(params: Any, stages: list[Stage], outcome: dict[str, str], root: Pa
         if outcome.get(node.name, "").startswith(("failed", "skipped")):
             continue
         if node.group in ("evaluate", "evaluate_merge"):
-            metrics = json.loads((layout.evaluation(node.key) / "evaluation.json").read_text())
+            metrics = layout.read_evaluation(node.key)
             key = metrics["ranking_metric"]
             create_table_artifact(
                 key=f"metrics-{slug(node.key)}", description=f"{node.key}: {key} by variant",
