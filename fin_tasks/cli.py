@@ -108,9 +108,9 @@ def _merges(args: argparse.Namespace) -> list[str]:
 
 
 def _predict(args: argparse.Namespace) -> None:
-    from fin_tasks.predict import predict_merge, predict_run
-
     for name in _merges(args):
+        from fin_tasks.predict import predict_merge
+
         params, layout = load_params(args.params), Layout(Path(args.out_dir))
         merge = params.merge[name]
         model = params.train.runs[merge.adapters[0]].model
@@ -121,8 +121,17 @@ def _predict(args: argparse.Namespace) -> None:
     if args.merge and not args.run:
         return
     for params, name, spec, layout in _runs(args):
-        info = predict_run(name, params, layout.prepared(spec.task), layout.base(spec.model),
-                           layout.trained(name), layout.predictions(name))
+        if params.models[spec.model].kind in BASELINE_KINDS:  # no torch to import
+            from fin_tasks.predictions import predict_baseline
+
+            info = predict_baseline(name, params, layout.prepared(spec.task),
+                                    layout.trained(name), layout.predictions(name))
+        else:
+            from fin_tasks.predict import predict_run
+
+            info = predict_run(name, params, layout.prepared(spec.task),
+                               layout.base(spec.model), layout.trained(name),
+                               layout.predictions(name))
         print(f"predict {name}: {', '.join(info['variants'])} -> {layout.predictions(name)}")
 
 

@@ -8,26 +8,20 @@ it never yields "missing".
 
 from __future__ import annotations
 
-import json
 import logging
-import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-import pandera.pandas as pa
 import torch
 
-from fin_tasks import baselines
-from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
-                                 write_json, write_jsonl)
 from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.metrics import MISSING, PARSERS
 from fin_tasks.models import (BaseRef, check_trained_weights, dequantized, load_base,
                               load_tokenizer, read_base_ref, with_adapter)
+from fin_tasks.predictions import (parse, predict_baseline, run_settings, variants_for,
+                                   write_predictions)
 from fin_tasks.tasks import Task, task_from_config
 from fin_tasks.prompting import (IGNORE, answer_separator, encode_texts, end_of_turn_id,
                                  keep_ends, render_prompt)
@@ -230,19 +224,6 @@ def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], m
 # ---------------------------------------------------------------- the stage
 
 
-def variants_for(config: ModelConfig, settings: PredictConfig,
-                 zero_shot: bool = False) -> tuple[str, ...]:
-    """The model variants a run predicts with."""
-    if config.kind in BASELINE_KINDS:
-        return ("baseline",)
-    if zero_shot:
-        return ("base",)
-    if config.lora is None:
-        return ("full",)
-    if config.kind == "encoder":  # an encoder's head exists only with its adapter
-        return tuple(v for v in settings.variants if v != "base") or ("adapter",)
-    return settings.variants
-
 
 def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], base_dir: Path,
                  train_dir: Path, dequantize: bool = False) -> Any:
@@ -286,38 +267,22 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
     return [{"output": text, "label": parse(task, text)} for text in texts]
 
 
-def parse(task: Task, text: str) -> str | None:
-    """The label a generated text stands for (None for summarization)."""
-    return PARSERS[task.parser](text, task.labels) if task.labels else None
-
-
-def predictions_schema(task: Task) -> pa.DataFrameSchema:
-    """One row per input id: the raw output and, for classification, a label or "missing"."""
-    columns = {"id": pa.Column(str, unique=True), "output": pa.Column(str)}
-    if task.labels:
-        columns["label"] = pa.Column(str, pa.Check.isin([*task.labels, MISSING]))
-    elif task.kind == "corpus":
-        columns |= {"nll": pa.Column(float, pa.Check.ge(0)),
-                    "tokens": pa.Column(int, pa.Check.ge(0))}
-    else:
-        columns["label"] = pa.Column(object, pa.Check(lambda s: s.isna()), nullable=True)
-    return pa.DataFrameSchema(columns, strict=False)
 
 
 def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
                 train_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Predict every configured split with every variant of one trained run."""
-    spec, settings = params.train.runs[run], params.predict
-    if spec.predict_splits is not None:
-        settings = settings.model_copy(update={"splits": spec.predict_splits})
+    spec, settings = params.train.runs[run], run_settings(params, run)
     config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
+    if config.kind in BASELINE_KINDS:
+        return predict_baseline(run, params, prepared_dir, train_dir, out_dir)
     base_dir, train_dir = Path(base_dir), Path(train_dir)
     max_length = params.train.hyper(run).max_length
     predictors = {variant: partial(_predictor, variant, task, config, base_dir, train_dir,
                                    settings, max_length)
                   for variant in variants_for(config, settings, spec.zero_shot)}
     info = {"run": run, "model": spec.model, "task": spec.task}
-    return _predict_variants(info, task, config, predictors, settings, prepared_dir, out_dir)
+    return write_predictions(info, task, config, predictors, settings, prepared_dir, out_dir)
 
 
 def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
@@ -348,7 +313,7 @@ def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir:
                   for variant, load in loaders.items()}
     info = {"merge": name, "model": first.model, "task": merge.evaluate_on,
             "adapters": list(merge.adapters), "method": merge.method}
-    return _predict_variants(info, task, config, predictors, settings, prepared_dir, out_dir)
+    return write_predictions(info, task, config, predictors, settings, prepared_dir, out_dir)
 
 
 def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path | None,
@@ -360,49 +325,11 @@ def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path |
     return base if adapter_dir is None else with_adapter(base, adapter_dir)
 
 
-def _predict_variants(info: dict[str, Any], task: Task, config: ModelConfig,
-                      predictors: dict[str, Callable[[], Callable]], settings: PredictConfig,
-                      prepared_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Run each variant's predictor (built one at a time) on every configured split and
-    write `<variant>/<split>.jsonl` plus `predict.json` into `out_dir`, atomically."""
-    prepared_dir = Path(prepared_dir)
-    splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
-    only = settings.base_splits if settings.base_splits is not None else settings.splits
-    info |= {"mode": settings.mode if task.labels and config.kind == "causal" else None,
-             "variants": {}}
-    with atomic_dir(out_dir) as scratch:
-        for variant, make in predictors.items():
-            predictor = make()
-            info["variants"][variant] = {}
-            for split, records in splits.items():
-                if variant == "base" and len(predictors) > 1 and split not in only:
-                    continue
-                started = time.perf_counter()
-                rows = [{"id": r["id"]} | out for r, out in zip(records, predictor(records))]
-                seconds = time.perf_counter() - started
-                predictions_schema(task).validate(pd.DataFrame(rows))
-                write_jsonl(scratch / variant / f"{split}.jsonl", rows)
-                info["variants"][variant][split] = {
-                    "rows": len(rows), "seconds": round(seconds, 3),
-                    "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
-                log.info("%s %s %s: %d rows, %.1f examples/s", info.get("run", info.get("merge")),
-                         variant, split, len(rows), len(rows) / max(seconds, 1e-9))
-            del predictor
-        info |= {"settings": settings.model_dump(mode="json"),
-                 "inputs": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
-                 "packages": package_versions()}
-        write_json(scratch / "predict.json", info)
-    return info
-
 
 def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, train_dir: Path,
                settings: PredictConfig, max_length: int,
                ) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
     """A function from records to outputs, with its model loaded once."""
-    if variant == "baseline":
-        fitted = json.loads((train_dir / "baseline.json").read_text(encoding="utf-8"))
-        return lambda records: [{"output": text, "label": parse(task, text)}
-                                for text in baselines.outputs(fitted, records)]
     return _model_predictor(partial(load_variant, variant, config, task.labels, base_dir,
                                     train_dir, settings.dequantize),
                             train_dir / "tokenizer", task, config, settings, max_length)

@@ -13,7 +13,7 @@ from fin_tasks.config import EvaluateConfig
 from fin_tasks.evaluate import score
 from fin_tasks.metrics import (MISSING, bootstrap_ci, classification_metrics, parse_choice,
                                parse_letter, rouge_scores)
-from fin_tasks.predict import predictions_schema
+from fin_tasks.predictions import predictions_schema
 from fin_tasks.tasks import edtsum, finarg_ecc, fineval
 
 CHOICES = ("premise", "claim")

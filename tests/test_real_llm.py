@@ -14,7 +14,8 @@ from fin_tasks.base import build_base
 from fin_tasks.config import parse_params
 from fin_tasks.metrics import MISSING
 from fin_tasks.models import load_base, load_tokenizer, read_base_ref
-from fin_tasks.predict import _stop_ids, _tokenize, generate, parse, predict_run
+from fin_tasks.predict import _stop_ids, _tokenize, generate, predict_run
+from fin_tasks.predictions import parse
 from fin_tasks.prompting import IGNORE, encode_example, render_prompt
 from fin_tasks.tasks import finarg_ecc
 

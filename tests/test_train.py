@@ -299,8 +299,8 @@ def test_loss_at_answer_positions_only_equals_the_full_logits_loss(workspace) ->
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
 
 
-def test_a_baselines_stages_up_to_train_never_import_torch(tmp_path: Path) -> None:
-    """prepare, base and train of a baseline start in a second, not after torch's import."""
+def test_a_baselines_stages_never_import_torch(tmp_path: Path) -> None:
+    """A baseline's stages start in a second, not after torch's import."""
     import subprocess
 
     from conftest import ROOT
@@ -313,7 +313,8 @@ def test_a_baselines_stages_up_to_train_never_import_torch(tmp_path: Path) -> No
               "print('torch' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path),
                            "prepare --task finarg_ecc", "base --model majority",
-                           "train --run majority-finarg_ecc"],
+                           "train --run majority-finarg_ecc", "predict --run majority-finarg_ecc",
+                           "evaluate --run majority-finarg_ecc"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "False"
@@ -321,3 +322,6 @@ def test_a_baselines_stages_up_to_train_never_import_torch(tmp_path: Path) -> No
     assert '"label": "claim"' in fitted  # 20 claims, 17 premises in the demo's train split
     assert (tmp_path / "plots/train/majority-finarg_ecc/train_loss.csv").read_text() == (
         "step,train_loss\n")
+    rows = read_jsonl(tmp_path / "predict/majority-finarg_ecc/baseline/test.jsonl")
+    assert len(rows) == 16 and {r["label"] for r in rows} == {"claim"}
+    assert "f1_weighted" in (tmp_path / "evaluate/majority-finarg_ecc/metrics.json").read_text()

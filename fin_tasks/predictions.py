@@ -1,0 +1,116 @@
+"""Predictions as files, torch-free: which variants a run predicts with, how a raw output
+becomes a label, the schema every predictions file meets, and the writer that runs each
+variant's predictor over the configured splits. Baselines predict here without a model;
+`predict.py` adds the models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pandera.pandas as pa
+
+from fin_tasks import baselines
+from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
+                                 write_json, write_jsonl)
+from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
+from fin_tasks.metrics import MISSING, PARSERS
+from fin_tasks.tasks import Task, task_from_config
+
+log = logging.getLogger(__name__)
+
+
+def run_settings(params: Params, run: str) -> PredictConfig:
+    """The predict settings of one run: its own `predict_splits` over the stage's splits."""
+    spec, settings = params.train.runs[run], params.predict
+    if spec.predict_splits is not None:
+        settings = settings.model_copy(update={"splits": spec.predict_splits})
+    return settings
+
+
+def variants_for(config: ModelConfig, settings: PredictConfig,
+                 zero_shot: bool = False) -> tuple[str, ...]:
+    """The model variants a run predicts with."""
+    if config.kind in BASELINE_KINDS:
+        return ("baseline",)
+    if zero_shot:
+        return ("base",)
+    if config.lora is None:
+        return ("full",)
+    if config.kind == "encoder":  # an encoder's head exists only with its adapter
+        return tuple(v for v in settings.variants if v != "base") or ("adapter",)
+    return settings.variants
+
+
+def parse(task: Task, text: str) -> str | None:
+    """The label a generated text stands for (None for summarization)."""
+    return PARSERS[task.parser](text, task.labels) if task.labels else None
+
+
+def predictions_schema(task: Task) -> pa.DataFrameSchema:
+    """One row per input id: the raw output and, for classification, a label or "missing"."""
+    columns = {"id": pa.Column(str, unique=True), "output": pa.Column(str)}
+    if task.labels:
+        columns["label"] = pa.Column(str, pa.Check.isin([*task.labels, MISSING]))
+    elif task.kind == "corpus":
+        columns |= {"nll": pa.Column(float, pa.Check.ge(0)),
+                    "tokens": pa.Column(int, pa.Check.ge(0))}
+    else:
+        columns["label"] = pa.Column(object, pa.Check(lambda s: s.isna()), nullable=True)
+    return pa.DataFrameSchema(columns, strict=False)
+
+
+def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
+                      predictors: dict[str, Callable[[], Callable]], settings: PredictConfig,
+                      prepared_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Run each variant's predictor (built one at a time) on every configured split and
+    write `<variant>/<split>.jsonl` plus `predict.json` into `out_dir`, atomically."""
+    prepared_dir = Path(prepared_dir)
+    splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
+    only = settings.base_splits if settings.base_splits is not None else settings.splits
+    info |= {"mode": settings.mode if task.labels and config.kind == "causal" else None,
+             "variants": {}}
+    with atomic_dir(out_dir) as scratch:
+        for variant, make in predictors.items():
+            predictor = make()
+            info["variants"][variant] = {}
+            for split, records in splits.items():
+                if variant == "base" and len(predictors) > 1 and split not in only:
+                    continue
+                started = time.perf_counter()
+                rows = [{"id": r["id"]} | out for r, out in zip(records, predictor(records))]
+                seconds = time.perf_counter() - started
+                predictions_schema(task).validate(pd.DataFrame(rows))
+                write_jsonl(scratch / variant / f"{split}.jsonl", rows)
+                info["variants"][variant][split] = {
+                    "rows": len(rows), "seconds": round(seconds, 3),
+                    "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
+                log.info("%s %s %s: %d rows, %.1f examples/s", info.get("run", info.get("merge")),
+                         variant, split, len(rows), len(rows) / max(seconds, 1e-9))
+            del predictor
+        info |= {"settings": settings.model_dump(mode="json"),
+                 "inputs": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
+                 "packages": package_versions()}
+        write_json(scratch / "predict.json", info)
+    return info
+
+
+def predict_baseline(run: str, params: Params, prepared_dir: str | Path, train_dir: str | Path,
+                     out_dir: str | Path) -> dict[str, Any]:
+    """The `predict` stage of a baseline run: its fitted rule applied to every split."""
+    spec = params.train.runs[run]
+    config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
+    fitted = json.loads((Path(train_dir) / "baseline.json").read_text(encoding="utf-8"))
+
+    def predictor(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{"output": text, "label": parse(task, text)}
+                for text in baselines.outputs(fitted, records)]
+
+    info = {"run": run, "model": spec.model, "task": spec.task}
+    return write_predictions(info, task, config, {"baseline": lambda: predictor},
+                             run_settings(params, run), prepared_dir, out_dir)
