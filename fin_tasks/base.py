@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 
 def build_base(name: str, params: Params, prepared_root: str | Path,
                out_dir: str | Path) -> dict[str, Any]:
-    """Write the base folder of model `name` into `out_dir` (atomically)."""
+    """Write the base folder of model `name` into `out_dir` (atomically): a built or
+    converted model (with, for a 4-bit causal LM, its weights ready-quantized in
+    `quantized/`), or a pointer to a hub id, folder or package."""
     config = params.models[name]
     with atomic_dir(out_dir) as scratch:
         if config.kind in BASELINE_KINDS:
@@ -47,6 +49,10 @@ def build_base(name: str, params: Params, prepared_root: str | Path,
             check_local_source(resolve_source(config.source, config.revision).name_or_path)
             info = {"model": name, "source": config.source, "revision": config.revision}
             write_json(scratch / SOURCE_FILE, info)
+        if "built" in info:  # weights that live here are also stored ready-quantized
+            from fin_tasks.models import save_quantized
+
+            info["quantized"] = save_quantized(config, scratch)
         info |= {"config": config.model_dump(mode="json"),
                  "packages": package_versions(("fin-tasks", "torch", "transformers", "tokenizers"))}
         write_json(scratch / "base.json", info)

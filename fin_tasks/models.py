@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SOURCE_FILE = "source.json"
+QUANTIZED_DIR = "quantized"  # in a base folder: its weights stored ready-quantized
+QUANTIZED_RECORD = "fin_tasks_quantization.json"  # the settings they were quantized with
 
 
 @dataclass(frozen=True)
@@ -173,7 +175,10 @@ def load_tokenizer(ref: BaseRef) -> Any:
 
 
 def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -> Any:
-    """Load a base model as configured (quantized or not) onto its device."""
+    """Load a base model as configured (quantized or not) onto its device: from the base
+    folder's ready-quantized copy when it was made with the same settings on this kind of
+    device (seconds), else quantizing the weights as they load (minutes for a 0.5B model on
+    a small CPU)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     device = device_for(config)
@@ -181,6 +186,9 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
     kwargs: dict[str, Any] = {"revision": ref.revision, "dtype": DTYPES[config.dtype]}
     if quant is not None:
         kwargs |= {"quantization_config": quant, "device_map": {"": str(device)}}
+    ready = ready_quantized(config, ref)
+    if ready is not None:  # its config carries the quantization settings
+        ref, kwargs = ready, {key: v for key, v in kwargs.items() if key != "quantization_config"}
     try:
         if config.kind == "encoder":
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -198,6 +206,39 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
     elif device.type == "cpu":
         _keep_cpu_4bit_layout(model)
     return model
+
+
+def quantization_record(config: ModelConfig) -> dict[str, Any] | None:
+    """The settings that decide a quantized model's weights and kernels here: the resolved
+    quantization and the device kind."""
+    resolved = resolved_quantization(config)
+    return None if resolved is None else resolved | {"device": device_for(config).type}
+
+
+def ready_quantized(config: ModelConfig, ref: BaseRef) -> BaseRef | None:
+    """The ready-quantized copy in a base folder, if it matches this entry's settings here."""
+    folder = Path(ref.name_or_path) / QUANTIZED_DIR
+    record = folder / QUANTIZED_RECORD
+    if config.quantization is None or not record.is_file():
+        return None
+    if json.loads(record.read_text(encoding="utf-8")) != quantization_record(config):
+        log.info("%s was quantized with other settings; quantizing at load", folder)
+        return None
+    return BaseRef(str(folder))
+
+
+def save_quantized(config: ModelConfig, folder: Path) -> dict[str, Any] | None:
+    """Store the 4-bit weights of the causal LM in `folder` in `folder/quantized/` (the
+    bitsandbytes serialization), so later stages load them instead of quantizing again.
+    Returns the record of the settings used, or None when nothing is stored."""
+    if config.kind != "causal" or config.quantization is None or config.quantization.bits != 4:
+        return None
+    model = load_base(config, BaseRef(str(folder)))
+    model.save_pretrained(folder / QUANTIZED_DIR, safe_serialization=True)
+    record = quantization_record(config)
+    (folder / QUANTIZED_DIR / QUANTIZED_RECORD).write_text(json.dumps(record, indent=2) + "\n",
+                                                           encoding="utf-8")
+    return record
 
 
 def _keep_cpu_4bit_layout(model: Any) -> None:

@@ -102,3 +102,7 @@ def test_smollm2_converts_into_a_plain_folder_with_its_chat_template(tmp_path) -
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= names
     assert not any(name.endswith(".gguf") for name in names)
     assert "quantization_config" not in (folder / "config.json").read_text()
+    # and its 4-bit weights, stored once so that every later stage loads them in seconds
+    assert info["quantized"]["quant_type"] == "nf4"
+    assert (folder / "quantized" / "model.safetensors").stat().st_size < (
+        folder / "model.safetensors").stat().st_size / 2

@@ -325,3 +325,31 @@ def test_a_baselines_stages_never_import_torch(tmp_path: Path) -> None:
     rows = read_jsonl(tmp_path / "predict/majority-finarg_ecc/baseline/test.jsonl")
     assert len(rows) == 16 and {r["label"] for r in rows} == {"claim"}
     assert "f1_weighted" in (tmp_path / "evaluate/majority-finarg_ecc/metrics.json").read_text()
+
+
+def test_a_ready_quantized_base_loads_what_quantizing_at_load_gives(workspace, tmp_path) -> None:
+    """`base` stores a 4-bit causal LM's weights ready-quantized; loading them gives the same
+    model as quantizing the float weights again, and other settings ignore the copy."""
+    import shutil
+
+    from fin_tasks.models import BaseRef, QUANTIZED_DIR, ready_quantized
+
+    config = make_params().models["tiny"]
+    base = workspace / "base/tiny"
+    assert ready_quantized(config, BaseRef(str(base))) == BaseRef(str(base / QUANTIZED_DIR))
+    plain = tmp_path / "plain"
+    shutil.copytree(base, plain, ignore=shutil.ignore_patterns(QUANTIZED_DIR))
+    assert ready_quantized(config, BaseRef(str(plain))) is None
+    ready, fresh = (load_base(config, BaseRef(str(folder))) for folder in (base, plain))
+    assert ready.name_or_path == str(base / QUANTIZED_DIR) and fresh.name_or_path == str(plain)
+    ready_state, fresh_state = ready.state_dict(), fresh.state_dict()
+    assert ready_state.keys() == fresh_state.keys()
+    assert all(torch.equal(ready_state[k], fresh_state[k]) for k in ready_state)
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    with torch.no_grad():
+        assert torch.equal(ready(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    fp4 = config.model_copy(update={"quantization": config.quantization.model_copy(
+        update={"quant_type": "fp4"})})
+    assert ready_quantized(fp4, BaseRef(str(base))) is None
+    layer = load_base(fp4, BaseRef(str(base))).model.layers[0].mlp.up_proj
+    assert layer.weight.quant_state.quant_type == "fp4"
