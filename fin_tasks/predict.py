@@ -152,7 +152,7 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
         ids, mask = _left_padded([prompt_ids[i] for i in chunk], tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                    position_ids=positions.to(device), use_cache=True)
+                    position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(_next_logits_checked(out.logits[:, -1]).float(), dim=-1).cpu()
         rest = _continuations(model, out.past_key_values, mask, choice_ids, tokenizer, device)
         for n, i in enumerate(chunk):
