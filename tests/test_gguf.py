@@ -104,5 +104,6 @@ def test_smollm2_converts_into_a_plain_folder_with_its_chat_template(tmp_path) -
     assert "quantization_config" not in (folder / "config.json").read_text()
     # and its 4-bit weights, stored once so that every later stage loads them in seconds
     assert info["quantized"]["quant_type"] == "nf4"
-    assert (folder / "quantized" / "model.safetensors").stat().st_size < (
-        folder / "model.safetensors").stat().st_size / 2
+    # (4-bit linear layers; the tied 49k-token embedding stays bf16: 63% of the bf16 file)
+    assert (folder / "quantized" / "model.safetensors").stat().st_size < 0.7 * (
+        folder / "model.safetensors").stat().st_size
