@@ -19,6 +19,8 @@ from pathlib import Path
 
 from common import ROOT, offline
 
+KEYS = {"smollm2": "smollm2", "qwen2.5-coder-0.5b": "qwen", "gemma3-270m": "gemma"}  # JSON
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
@@ -47,7 +49,7 @@ def main() -> None:
         ready, logits_ready = timed_load(params.models[name], base)
         same = bool((logits_at_load == logits_ready).all())
         print(f"| {name} | {at_load:.1f} s | {ready:.1f} s | {at_load / ready:.1f}x | {same} |")
-        key = name.split("-")[0].split(".")[0]
+        key = KEYS.get(name, name)
         figures |= {f"load_s_{key}_4bit_at_load": round(at_load, 2),
                     f"load_s_{key}_4bit": round(ready, 2), f"same_logits_{key}": same}
     if args.json:
