@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, sha256_file, write_json
 from fin_tasks.config import Params
 from fin_tasks.evaluate import LOWER_IS_BETTER, RANKING
-from fin_tasks.layout import Layout
+from fin_tasks.layout import EVALUATION_FILE, Layout
 from fin_tasks.tasks import task_from_config
+
+log = logging.getLogger(__name__)
 
 # Published results on the official test sets (../shared/CHALLENGE.md): references only.
 ANCHORS = {
@@ -100,7 +103,12 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
     so instead of needing their outputs."""
     layout = Layout(Path(root))
     failed = failed or {}
-    rows = leaderboard_rows(params, layout, failed)
+    unscored = [name for name in [*params.train.runs, *params.merge]
+                if name not in failed and not (layout.evaluation(name) / EVALUATION_FILE).exists()]
+    if unscored:  # e.g. only a merge's comparison was predicted and evaluated
+        log.warning("report: no evaluation for %s; the leaderboard leaves them out",
+                    ", ".join(unscored))
+    rows = leaderboard_rows(params, layout, failed | dict.fromkeys(unscored, "not evaluated"))
     submissions = {task: json.loads((layout.submission(task) / "validation.json").read_text())
                    for task in sorted(params.submit.tasks)
                    if (layout.submission(task) / "validation.json").exists()}
@@ -111,9 +119,9 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
             writer.writeheader()
             writer.writerows(rows)
         write_json(scratch / "leaderboard.json", {"rows": rows, "submissions": submissions,
-                                                  "failed": failed})
+                                                  "failed": failed, "not_evaluated": unscored})
         (scratch / "leaderboard.md").write_text(
-            markdown(params, layout, rows, submissions, failed), encoding="utf-8")
+            markdown(params, layout, rows, submissions, failed, unscored), encoding="utf-8")
     return rows
 
 
@@ -158,7 +166,8 @@ def _tiny_note(params: Params, rows: list[dict[str, Any]]) -> list[str]:
 
 
 def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
-             submissions: dict[str, Any], failed: dict[str, str] | None = None) -> str:
+             submissions: dict[str, Any], failed: dict[str, str] | None = None,
+             unscored: list[str] | tuple[str, ...] = ()) -> str:
     """The leaderboard as Markdown: a table per task and split, anchors, submissions."""
     lines = ["# Leaderboard", "",
              "Scores from `fin-tasks evaluate` (organizer-exact parsing and metrics); the "
@@ -199,7 +208,13 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
     if failed:
         lines += ["## Failed", ""] + [f"- {name}: FAILED: {reason}"
                                       for name, reason in sorted(failed.items())] + [""]
-    lines += _merge_lines(params, layout, failed or {}) + _tiny_note(params, rows)
+    if unscored:
+        lines += ["## Not evaluated", ""] + [
+            f"- {name}: no `{EVALUATION_FILE}`; run `fin-tasks predict` and `fin-tasks evaluate` "
+            f"with `--{'merge' if name in params.merge else 'run'} {name}`" for name in unscored]
+        lines += [""]
+    lines += (_merge_lines(params, layout, (failed or {}) | dict.fromkeys(unscored, ""))
+              + _tiny_note(params, rows))
     if submissions:
         lines += ["## Submissions", ""]
         for task, report in submissions.items():

@@ -34,3 +34,13 @@ def test_leaderboard_ranks_runs_and_lists_anchors(tmp_path: Path) -> None:
     assert csv_header.startswith("task,kind,run,model,variant,split,rows,metric,score")
     assert json.loads((tmp_path / "report/leaderboard.json").read_text())["rows"][0]["peak_mib"] \
         == 1024
+    # A run never predicted and evaluated (only a merge's comparison was, say) is named with
+    # the commands that score it, instead of a traceback from a missing file.
+    (tmp_path / "evaluate/maj/evaluation.json").unlink()
+    rows = build_report(params, tmp_path, tmp_path / "report")
+    assert [r["run"] for r in rows] == ["enc"]
+    table = (tmp_path / "report/leaderboard.md").read_text()
+    assert ("## Not evaluated\n\n- maj: no `evaluation.json`; run `fin-tasks predict` and "
+            "`fin-tasks evaluate` with `--run maj`") in table
+    assert json.loads((tmp_path / "report/leaderboard.json").read_text())["not_evaluated"] == [
+        "maj"]
