@@ -224,7 +224,6 @@ def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], m
 # ---------------------------------------------------------------- the stage
 
 
-
 def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], base_dir: Path,
                  train_dir: Path, dequantize: bool = False) -> Any:
     """A model ready for inference: base, base + adapter, merged, or fully tuned weights.
@@ -265,8 +264,6 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
         return rows
     texts = generate(model, tokenizer, prompts, task.max_new_tokens, settings.batch_size)
     return [{"output": text, "label": parse(task, text)} for text in texts]
-
-
 
 
 def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
@@ -323,7 +320,6 @@ def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path |
     if dequantize:
         base = dequantized(base, config)
     return base if adapter_dir is None else with_adapter(base, adapter_dir)
-
 
 
 def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, train_dir: Path,

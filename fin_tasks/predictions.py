@@ -18,7 +18,7 @@ import pandera.pandas as pa
 from fin_tasks import baselines
 from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
                                  write_json, write_jsonl)
-from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
+from fin_tasks.config import ModelConfig, Params, PredictConfig
 from fin_tasks.metrics import MISSING, PARSERS
 from fin_tasks.tasks import Task, task_from_config
 
@@ -35,9 +35,7 @@ def run_settings(params: Params, run: str) -> PredictConfig:
 
 def variants_for(config: ModelConfig, settings: PredictConfig,
                  zero_shot: bool = False) -> tuple[str, ...]:
-    """The model variants a run predicts with."""
-    if config.kind in BASELINE_KINDS:
-        return ("baseline",)
+    """The model variants a trained run predicts with (a baseline's one is `baseline`)."""
     if zero_shot:
         return ("base",)
     if config.lora is None:
