@@ -366,6 +366,9 @@ class PredictConfig(Strict):
 
     batch_size: int = Field(16, gt=0)
     """Prompts per forward pass (sorted by length)."""
+    batch_tokens: int | None = Field(4096, gt=0)
+    """Most padded prompt tokens per forward pass of a causal LM (rows times the longest;
+    a longer prompt runs alone): long and short prompts stay apart. None: rows only."""
     mode: Literal["generate", "score"] = "generate"
     """Classification with a causal LM: greedy generation parsed as the organizers do, or
     scoring every choice's log-likelihood in one forward pass (never "missing")."""

@@ -35,23 +35,38 @@ def _length_order(sizes: Sequence[int]) -> list[int]:
     return sorted(range(len(sizes)), key=lambda i: -sizes[i])
 
 
+def _batches(sizes: Sequence[int], batch_size: int, batch_tokens: int | None) -> list[list[int]]:
+    """Indices grouped into batches from longest to shortest rows: at most `batch_size` rows
+    and, with `batch_tokens`, at most that many padded tokens (rows times the batch's
+    longest row; a longer row runs alone). Padding a 300-token prompt to a 2,400-token
+    neighbour would cost eight times its compute, and attention grows with the square."""
+    batches: list[list[int]] = []
+    for i in _length_order(sizes):
+        if batches and len(batches[-1]) < batch_size and (
+                batch_tokens is None
+                or (len(batches[-1]) + 1) * sizes[batches[-1][0]] <= batch_tokens):
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = 16) -> list[str]:
+             batch_size: int = 16, batch_tokens: int | None = None) -> list[str]:
     """Greedy continuations of `prompts` (new text only), in input order.
 
     Prompts longer than the model's context (less the new tokens) lose their middle.
-    Batches are length-sorted and left-padded; a row that reaches a stop token leaves the
-    batch (its cache rows are dropped), so one long answer does not keep the others going."""
+    Batches are length-sorted, capped in rows and padded tokens (`_batches`) and
+    left-padded; a row that reaches a stop token leaves the batch (its cache rows are
+    dropped), so one long answer does not keep the others going."""
     budget = _context(model) - max_new_tokens
     encoded = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
-    order = _length_order([len(ids) for ids in encoded])
     device = next(model.parameters()).device
     stops = _stop_ids(model, tokenizer)
     model.eval()
     outputs: dict[int, str] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in _batches([len(ids) for ids in encoded], batch_size, batch_tokens):
         ids, mask = _left_padded([encoded[i] for i in chunk], tokenizer.pad_token_id)
         for i, tokens in zip(chunk, greedy(model, ids.to(device), mask.to(device),
                                            max_new_tokens, stops)):
@@ -130,7 +145,8 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
 
 @torch.no_grad()
 def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: Sequence[str],
-                  batch_size: int = 16, separator: str = " ") -> list[list[float]]:
+                  batch_size: int = 16, separator: str = " ",
+                  batch_tokens: int | None = None) -> list[list[float]]:
     """Log-likelihood of each choice (as `separator` + choice: " choice" after the
     organizers' `Answer:`, "choice" after a chat template's generation prompt) after each
     prompt, in input order.
@@ -143,12 +159,10 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
                   for c in choices]
     budget = _context(model) - max(len(c) for c in choice_ids)
     prompt_ids = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
-    order = _length_order([len(ids) for ids in prompt_ids])
     device = next(model.parameters()).device
     model.eval()
     scores: dict[int, list[float]] = {}
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+    for chunk in _batches([len(ids) for ids in prompt_ids], batch_size, batch_tokens):
         ids, mask = _left_padded([prompt_ids[i] for i in chunk], tokenizer.pad_token_id)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -258,11 +272,12 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
         rows = []
         separator = answer_separator(tokenizer, config.chat_template)
         for scores in score_choices(model, tokenizer, prompts, task.labels, settings.batch_size,
-                                    separator):
+                                    separator, settings.batch_tokens):
             best = task.labels[max(range(len(scores)), key=scores.__getitem__)]
             rows.append({"output": best, "label": best, "scores": [round(x, 4) for x in scores]})
         return rows
-    texts = generate(model, tokenizer, prompts, task.max_new_tokens, settings.batch_size)
+    texts = generate(model, tokenizer, prompts, task.max_new_tokens, settings.batch_size,
+                     settings.batch_tokens)
     return [{"output": text, "label": parse(task, text)} for text in texts]
 
 

@@ -13,7 +13,7 @@ from fin_tasks.baselines import lead
 from fin_tasks.evaluate import evaluate_run
 from fin_tasks.metrics import MISSING
 from fin_tasks.models import load_base, load_tokenizer, read_base_ref
-from fin_tasks.predict import generate, predict_run, score_choices
+from fin_tasks.predict import _batches, generate, predict_run, score_choices
 from fin_tasks.train import train
 
 from conftest import make_params
@@ -36,6 +36,29 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny) -> None:
     single = [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0]
               for p in PROMPTS]
     assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+def test_batches_cap_rows_and_padded_tokens() -> None:
+    sizes = [300, 2400, 1800, 1700, 40, 50]
+    assert _batches(sizes, 16, None) == [[1, 2, 3, 0, 5, 4]]
+    # 2,400 alone; 1,800 + 1,700 pad to 3,600; then 300, 50, 40 (900 tokens)
+    assert _batches(sizes, 16, 4096) == [[1], [2, 3], [0, 5, 4]]
+    assert _batches(sizes, 2, 4096) == [[1], [2, 3], [0, 5], [4]]
+    assert _batches(sizes, 16, 100) == [[1], [2], [3], [0], [5, 4]]  # a longer row: alone
+
+
+def test_a_token_cap_on_batches_changes_no_output(tiny) -> None:
+    model, tokenizer = tiny
+    widths = [len(tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert len(_batches(widths, 3, max(widths))) == 3  # each prompt alone under this cap
+    capped = generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=3,
+                      batch_tokens=max(widths))
+    assert capped == generate(model, tokenizer, PROMPTS, max_new_tokens=8, batch_size=3)
+    choices = ["premise", "claim"]
+    capped_scores = score_choices(model, tokenizer, PROMPTS, choices, 3,
+                                  batch_tokens=max(widths))
+    for row, expected in zip(capped_scores, score_choices(model, tokenizer, PROMPTS, choices, 3)):
+        assert row == pytest.approx(expected, abs=1e-4)
 
 
 def test_choice_scores_equal_separate_log_likelihoods(tiny) -> None:
