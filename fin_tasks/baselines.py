@@ -22,13 +22,12 @@ from fin_tasks.tasks import Task, task_from_config
 log = logging.getLogger(__name__)
 
 _SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
-KINDS_FOR_TASK = {"majority": ("classification", "multiple_choice"), "lead": ("summarization",)}
 
 
 def fit(config: ModelConfig, task: Task, train: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """What a baseline learns from the train split."""
-    if task.kind not in KINDS_FOR_TASK[config.kind]:
-        raise ValueError(f"a '{config.kind}' baseline does not apply to {task.kind} "
+    if config.kind not in task.kind.baselines:
+        raise ValueError(f"a '{config.kind}' baseline does not apply to {task.kind.name} "
                          f"task '{task.name}'")
     if config.kind == "majority":
         counts = Counter(r["answer"] for r in train if r.get("answer") is not None)

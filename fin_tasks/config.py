@@ -14,11 +14,9 @@ from typing import Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fin_tasks import kinds, tasks
 from fin_tasks.errors import ConfigError
-
-TaskType = Literal["finarg_ecc", "edtsum", "fineval", "classification", "summarization",
-                   "corpus"]
-GENERIC_TYPES = ("classification", "summarization")
+from fin_tasks.kinds import Kind
 
 
 class Strict(BaseModel):
@@ -53,9 +51,10 @@ class Splits(Strict):
 class TaskConfig(Strict):
     """One task: a built-in description, or a generic one defined entirely here."""
 
-    type: TaskType
-    """A built-in description (finarg_ecc, edtsum, fineval), a generic one, or `corpus`
-    (chunks of plain text from the `corpus` stage, learned on every token)."""
+    type: str
+    """A built-in description (finarg_ecc, edtsum, fineval), `corpus` (chunks of plain text
+    from the `corpus` stage, learned on every token), or a generic kind defined here
+    (classification, summarization)."""
     data: str
     """Folder or file holding the raw splits (a DVC dependency), or `hub:<dataset id>`."""
     splits: Splits
@@ -75,13 +74,22 @@ class TaskConfig(Strict):
     numeric / non-numeric for multiple choice), taken after any split is carved, so the full
     data is this key removed (a CPU budget; see configs/cpu-llms.yaml)."""
 
+    @property
+    def kind(self) -> Kind:
+        """The kind of task this entry describes."""
+        return tasks.kind_of(self.type)
+
     @model_validator(mode="after")
     def _generic_fields(self) -> TaskConfig:
-        generic = self.type in GENERIC_TYPES
+        generic = self.type not in tasks.BUILTIN
+        if generic and self.type not in kinds.generic_names():
+            raise ValueError(f"unknown task type '{self.type}' (built-in: "
+                             f"{', '.join(tasks.BUILTIN)}; generic: "
+                             f"{', '.join(kinds.generic_names())})")
         if generic and (self.columns is None or self.instruction is None):
             raise ValueError(f"a '{self.type}' task needs 'columns' and 'instruction'")
-        if self.type == "classification" and not self.labels:
-            raise ValueError("a 'classification' task needs 'labels' (the label set, in order)")
+        if generic and self.kind.prediction == "label" and not self.labels:
+            raise ValueError(f"a '{self.type}' task needs 'labels' (the label set, in order)")
         repeated = sorted({label for label in self.labels or () if self.labels.count(label) > 1})
         if repeated:
             raise ValueError(f"'labels' lists {', '.join(repeated)} more than once; each label "
@@ -527,8 +535,9 @@ class Params(Strict):
         for task in self.submit.tasks:
             if task not in self.tasks:
                 raise ValueError(f"submit.tasks: unknown task '{task}'")
-            if self.tasks[task].type == "corpus":
-                raise ValueError(f"submit.tasks: '{task}' is a corpus; there is nothing to submit")
+            if not self.tasks[task].kind.submittable:
+                raise ValueError(f"submit.tasks: '{task}' is a {self.tasks[task].kind.name}; "
+                                 "there is nothing to submit")
         for name, questions in self.questions.items():
             if questions.corpus not in self.corpus:
                 raise ValueError(f"questions.{name}.corpus '{questions.corpus}' is not in "

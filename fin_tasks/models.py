@@ -8,11 +8,9 @@ here, lazily, only when asked for.
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import torch
 from fin_tasks.artifacts import sha256_file
 from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
 from fin_tasks.errors import ModelError
+from fin_tasks.sources import BaseRef, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +27,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 SOURCE_FILE = "source.json"
 QUANTIZED_DIR = "quantized"  # in a base folder: its weights stored ready-quantized
 QUANTIZED_RECORD = "fin_tasks_quantization.json"  # the settings they were quantized with
-
-
-@dataclass(frozen=True)
-class BaseRef:
-    """Where a base model's weights are: a folder, a hub id, and a revision."""
-
-    name_or_path: str
-    revision: str | None = None
 
 
 def device_for(config: ModelConfig) -> torch.device:
@@ -66,19 +57,6 @@ def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
     for parameter in parameters:
         if parameter.grad is not None:
             dist.all_reduce(parameter.grad)
-
-
-def resolve_source(source: str, revision: str | None = None) -> BaseRef:
-    """Turn a params `source` (hub id, folder, `package:<module>`) into a loadable reference."""
-    if source.startswith("package:"):
-        module_name = source.removeprefix("package:")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as error:
-            raise ModelError(f"model source '{source}': cannot import {module_name} "
-                             f"({error}); install the package that ships these weights") from None
-        return BaseRef(str(module.get_model_path()))
-    return BaseRef(source, revision)
 
 
 def read_base_ref(base_dir: str | Path) -> BaseRef:

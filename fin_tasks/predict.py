@@ -263,12 +263,12 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
         classes = classify(model, examples, settings.batch_size, tokenizer.pad_token_id,
                            next(model.parameters()).device)
         return [{"output": task.labels[c], "label": task.labels[c]} for c in classes]
-    if task.kind == "corpus":
+    if task.kind.prediction == "loss":
         return [{"output": "", "label": None, "nll": round(nll, 4), "tokens": tokens}
                 for nll, tokens in text_losses(model, tokenizer, records, max_length,
                                                settings.batch_size)]
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
-    if task.labels and settings.mode == "score":
+    if task.kind.prediction == "label" and settings.mode == "score":
         rows = []
         separator = answer_separator(tokenizer, config.chat_template)
         for scores in score_choices(model, tokenizer, prompts, task.labels, settings.batch_size,

@@ -47,15 +47,15 @@ def variants_for(config: ModelConfig, settings: PredictConfig,
 
 def parse(task: Task, text: str) -> str | None:
     """The label a generated text stands for (None for summarization)."""
-    return PARSERS[task.parser](text, task.labels) if task.labels else None
+    return PARSERS[task.parser](text, task.labels) if task.kind.prediction == "label" else None
 
 
 def predictions_schema(task: Task) -> pa.DataFrameSchema:
     """One row per input id: the raw output and, for classification, a label or "missing"."""
     columns = {"id": pa.Column(str, unique=True), "output": pa.Column(str)}
-    if task.labels:
+    if task.kind.prediction == "label":
         columns["label"] = pa.Column(str, pa.Check.isin([*task.labels, MISSING]))
-    elif task.kind == "corpus":
+    elif task.kind.prediction == "loss":
         columns |= {"nll": pa.Column(float, pa.Check.ge(0)),
                     "tokens": pa.Column(int, pa.Check.ge(0))}
     else:
@@ -71,7 +71,8 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
     prepared_dir = Path(prepared_dir)
     splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
     only = settings.base_splits if settings.base_splits is not None else settings.splits
-    info |= {"mode": settings.mode if task.labels and config.kind == "causal" else None,
+    info |= {"mode": settings.mode if task.kind.prediction == "label" and config.kind == "causal"
+             else None,
              "variants": {}}
     with atomic_dir(out_dir) as scratch:
         for variant, make in predictors.items():

@@ -41,7 +41,7 @@ def prepare_task(name: str, config: TaskConfig, settings: PrepareConfig,
         if split not in frames:
             frames["train"], frames[split] = carve(frames["train"], fraction, settings.seed,
                                                    stratify=bool(task.labels),
-                                                   unlabeled=task.kind == "corpus")
+                                                   unlabeled=not task.kind.labeled)
             origin[split] = f"carved from train ({fraction:.0%}, seed {settings.seed})"
     frames = {split: frames[split] for split in SPLITS}
     leakage, dropped = check_leakage(frames, settings.on_leakage)
@@ -242,7 +242,7 @@ def _manifest(task: Task, config: TaskConfig, settings: PrepareConfig,
     return {
         "task": task.name,
         "type": config.type,
-        "kind": task.kind,
+        "kind": task.kind.name,
         "splits": splits,
         "dropped": {"rows": sum(dropped.values()), "reasons": dropped},
         "leakage": leakage,

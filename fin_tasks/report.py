@@ -10,9 +10,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from fin_tasks import kinds
 from fin_tasks.artifacts import atomic_dir, sha256_file, write_json
 from fin_tasks.config import Params
-from fin_tasks.evaluate import LOWER_IS_BETTER, RANKING
 from fin_tasks.layout import EVALUATION_FILE, Layout
 from fin_tasks.tasks import task_from_config
 
@@ -37,12 +37,6 @@ ANCHORS = {
     ],
 }
 ANCHOR_TYPES = {"finarg_ecc": "finarg_ecc", "edtsum": "edtsum"}
-COLUMNS = {
-    "classification": ["accuracy", "f1_weighted", "f1_macro", "mcc", "missing_rate"],
-    "multiple_choice": ["accuracy", "accuracy_numeric", "accuracy_non_numeric", "missing_rate"],
-    "summarization": ["rouge1", "rouge2", "rougeL", "bertscore_f1", "words_mean"],
-    "corpus": ["perplexity", "loss", "tokens"],
-}
 
 
 def leaderboard_rows(params: Params, layout: Layout,
@@ -70,8 +64,7 @@ def leaderboard_rows(params: Params, layout: Layout,
                       {"train_s": None, "peak_mib": None, "tokens_per_s": None,
                        "adapter_sha256": None})
     return sorted(rows, key=lambda r: (r["task"], r["split"],
-                                       r["score"] if r["metric"] in LOWER_IS_BETTER
-                                       else -r["score"]))
+                                       kinds.get(r["kind"]).sort_key(r["score"])))
 
 
 def _rows(params: Params, layout: Layout, key: str, task_name: str, model: str,
@@ -79,17 +72,17 @@ def _rows(params: Params, layout: Layout, key: str, task_name: str, model: str,
     evaluation = layout.read_evaluation(key)
     task = task_from_config(task_name, params.tasks[task_name])
     manifest = json.loads((layout.prepared(task_name) / "manifest.json").read_text())
-    metric = RANKING[task.kind]
+    metric = task.kind.ranking
     rows = []
     for variant, splits in evaluation["metrics"].items():
         for split, metrics in splits.items():
             ci = metrics.get(f"{metric}_ci95")
             rows.append({
-                "task": task_name, "kind": task.kind, "run": key, "model": model,
+                "task": task_name, "kind": task.kind.name, "run": key, "model": model,
                 "variant": variant, "split": split, "rows": metrics["rows"],
                 "metric": metric, "score": metrics[metric],
                 "ci95_low": ci[0] if ci else None, "ci95_high": ci[1] if ci else None,
-                **{c: metrics.get(c) for c in COLUMNS[task.kind]}, **training,
+                **{c: metrics.get(c) for c in task.kind.columns}, **training,
                 "single_class": bool(metrics.get("single_class")),
                 "data_sha256": manifest["outputs"]["train.jsonl"][:12],
             })
@@ -180,7 +173,7 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
             if not part:
                 continue
             metric = part[0]["metric"]
-            columns = [c for c in COLUMNS[kind] if c != metric]
+            columns = [c for c in kinds.get(kind).columns if c != metric]
             lines += [f"## {task} ({split}, ranked by {metric})", "",
                       "| # | run | variant | " + metric + " (95% CI) | " + " | ".join(columns)
                       + " | train s | tokens/s | peak MiB | data | adapter |",

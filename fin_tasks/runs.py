@@ -28,7 +28,7 @@ def labeled_records(path: Path) -> list[dict[str, Any]]:
 
 def training_records(path: Path, task: Task) -> list[dict[str, Any]]:
     """Records a run learns from: every text of a corpus, else the labeled records."""
-    return read_jsonl(path) if task.kind == "corpus" else labeled_records(path)
+    return labeled_records(path) if task.kind.labeled else read_jsonl(path)
 
 
 def write_loss_plots(plots_dir: str | Path | None, history: list[dict[str, Any]],

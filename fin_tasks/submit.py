@@ -21,7 +21,6 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
-from fin_tasks.evaluate import RANKING
 from fin_tasks.layout import Layout
 from fin_tasks.metrics import MISSING, perplexity
 from fin_tasks.tasks import Task, task_from_config
@@ -38,7 +37,7 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
     """The (run, variant) a task submits, and its validation score."""
     choice = params.submit.tasks[task_name]
     task = task_from_config(task_name, params.tasks[task_name])
-    key = RANKING[task.kind]
+    key = task.kind.ranking
     candidates = []
     for run, spec in params.train.runs.items():
         if spec.task != task_name or choice.run not in ("auto", run):
@@ -54,7 +53,7 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
     if not candidates:
         raise SubmissionError(f"submit.tasks.{task_name}: no evaluated run matches "
                               f"run={choice.run}, variant={choice.variant}")
-    score, run, variant = max(candidates, key=lambda c: c[0])
+    score, run, variant = min(candidates, key=lambda c: task.kind.sort_key(c[0]))
     return run, variant, score
 
 
@@ -146,7 +145,7 @@ def submit_task(task_name: str, params: Params, root: str | Path,
         card = model_card(task_name, params, run, variant, evaluation, report, bundled, layout)
         (scratch / "MODEL_CARD.md").write_text(card, encoding="utf-8")
         report |= {"task": task_name, "run": run, "variant": variant,
-                   "valid_" + RANKING[task.kind]: valid_score,
+                   "valid_" + task.kind.ranking: valid_score,
                    "predictions_sha256": sha256_file(scratch / "predictions.csv")}
         write_json(scratch / "validation.json", report)
     log.info("submission %s: run %s (%s), %d rows -> %s", task_name, run, variant,

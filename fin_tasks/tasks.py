@@ -1,7 +1,9 @@
 """Tasks as data: each benchmark is one small description, not a branch in the code.
 
 A description knows how to find its fields in raw rows, how to render the prompt
-(the organizers' `query`), its label set or target, and its record format.
+(the organizers' `query`), its label set or target, its record format, and its kind
+(`fin_tasks.kinds`: how it is predicted, scored and ranked). A new built-in task of an
+existing kind is one function here, named in `BUILTIN`.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from fin_tasks.config import TaskConfig
+from fin_tasks import kinds
+from fin_tasks.kinds import Kind
 
-Kind = Literal["classification", "summarization", "multiple_choice", "corpus"]
+if TYPE_CHECKING:  # config validates task types against this module
+    from fin_tasks.config import TaskConfig
 
 FINARG_INSTRUCTION = (
     "Analyze sentences from earnings conference calls and identify their argumentative "
@@ -41,6 +45,7 @@ class Task:
 
     name: str
     kind: Kind
+    """How it is predicted, scored and ranked."""
     instruction: str
     template: str
     """Prompt layout; fields: instruction, text, options, subject."""
@@ -84,21 +89,24 @@ def has_numeric(*texts: str) -> bool:
 
 def finarg_ecc(name: str, instruction: str | None = None) -> Task:
     """FinLLM Challenge 2024 Task 1: claim/premise classification (PIXIU record format)."""
-    return Task(name=name, kind="classification", instruction=instruction or FINARG_INSTRUCTION,
+    return Task(name=name, kind=kinds.get("classification"),
+                instruction=instruction or FINARG_INSTRUCTION,
                 template=PLAIN_TEMPLATE, id_field="id", text_field="text", label_field="answer",
                 labels=("premise", "claim"), gold_field="gold", max_new_tokens=20)
 
 
 def edtsum(name: str, instruction: str | None = None) -> Task:
     """FinLLM Challenge 2024 Task 2: EDTSum headline summarization."""
-    return Task(name=name, kind="summarization", instruction=instruction or EDTSUM_INSTRUCTION,
+    return Task(name=name, kind=kinds.get("summarization"),
+                instruction=instruction or EDTSUM_INSTRUCTION,
                 template=PLAIN_TEMPLATE, id_field="id", text_field="text", label_field="answer",
                 max_new_tokens=128)
 
 
 def fineval(name: str, instruction: str | None = None) -> Task:
     """FinEval: Chinese 4-option multiple choice, one CSV per subject."""
-    return Task(name=name, kind="multiple_choice", instruction=instruction or FINEVAL_INSTRUCTION,
+    return Task(name=name, kind=kinds.get("multiple_choice"),
+                instruction=instruction or FINEVAL_INSTRUCTION,
                 template=CHOICE_TEMPLATE, id_field="id", text_field="question",
                 label_field="answer", labels=("A", "B", "C", "D"),
                 option_fields=("A", "B", "C", "D"), subject_from_file=True, max_new_tokens=5,
@@ -108,26 +116,32 @@ def fineval(name: str, instruction: str | None = None) -> Task:
 def corpus(name: str, instruction: str | None = None) -> Task:
     """Chunks of plain text (the `corpus` stage's output): learned on every token, scored by
     perplexity. The prompt is the text itself; there is no instruction and no answer."""
-    return Task(name=name, kind="corpus", instruction=instruction or "", template="{text}",
+    return Task(name=name, kind=kinds.get("corpus"), instruction=instruction or "",
+                template="{text}",
                 id_field="id", text_field="text", label_field=None, max_new_tokens=0)
 
 
 BUILTIN = {"finarg_ecc": finarg_ecc, "edtsum": edtsum, "fineval": fineval, "corpus": corpus}
+"""Built-in task descriptions by `type`; any other type names a generic kind."""
+
+
+def kind_of(type_name: str) -> Kind:
+    """The kind of task a params `type` describes."""
+    return BUILTIN[type_name]("").kind if type_name in BUILTIN else kinds.get(type_name)
 
 
 def task_from_config(name: str, config: TaskConfig) -> Task:
-    """The task a params entry describes: a built-in, or a generic one built from params."""
+    """The task a params entry describes: a built-in, or a generic one of the kind its
+    `type` names, built from params."""
     if config.type in BUILTIN:
         return BUILTIN[config.type](name, config.instruction)
     columns = config.columns
     assert columns is not None and config.instruction is not None  # checked by TaskConfig
-    classification = config.type == "classification"
     return Task(
-        name=name, kind="classification" if classification else "summarization",
-        instruction=config.instruction, template=PLAIN_TEMPLATE, id_field=columns.id,
-        text_field=columns.text, label_field=columns.label,
+        name=name, kind=config.kind, instruction=config.instruction, template=PLAIN_TEMPLATE,
+        id_field=columns.id, text_field=columns.text, label_field=columns.label,
         labels=tuple(config.labels or ()), label_names=dict(config.label_names or {}),
-        max_new_tokens=20 if classification else 128,
+        max_new_tokens=config.kind.max_new_tokens,
     )
 
 

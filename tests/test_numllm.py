@@ -17,7 +17,6 @@ import torch
 from fin_tasks.config import CorpusConfig, QuestionsConfig, parse_params
 from fin_tasks.corpus import build_corpus, chunk, clean
 from fin_tasks.errors import ConfigError, DataError, ModelError
-from fin_tasks.evaluate import score
 from fin_tasks.questions import LETTERS, build_questions, number_distractors, questions_schema
 from fin_tasks.tasks import task_from_config
 from fin_tasks.train import encode_corpus, train
@@ -180,7 +179,7 @@ def test_perplexity_is_the_exponent_of_the_mean_token_loss() -> None:
     task = task_from_config("c", parse_params({"tasks": {"c": {
         "type": "corpus", "data": "x", "splits": {"train": "c.jsonl"}}}}).tasks["c"])
     settings = make_params().evaluate.model_copy(update={"bootstrap": 0})
-    result = score(task, [{}, {}], [{"nll": 6.0, "tokens": 3}, {"nll": 2.0, "tokens": 1}],
+    result = task.kind.score(task, [{}, {}], [{"nll": 6.0, "tokens": 3}, {"nll": 2.0, "tokens": 1}],
                    settings)
     assert result["perplexity"] == pytest.approx(math.exp(2.0))
     assert result["tokens"] == 4
