@@ -276,10 +276,6 @@ def _quiet_libraries() -> None:
 
     for module in ("transformers", "peft", "torch.utils.checkpoint"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-    # raised from inside torch's module call, so matched by text: a deprecated argument name
-    # that fin-tasks passes (`past_key_values`), not something a user can change
-    warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated",
-                            category=FutureWarning)
     # read when transformers is first imported (later, by the stage that needs it)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 

@@ -94,6 +94,34 @@ def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
+def forward_takes(model: Any, name: str) -> bool:
+    """Whether a model's forward (under any peft wrapper) has a parameter called `name`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _forward_parameters(type(base)).__contains__(name)
+
+
+@functools.cache
+def _forward_parameters(model_class: type) -> frozenset[str]:
+    """Parameter names of a model class's forward (read once per class: the question comes
+    with every micro-batch and every decoding step)."""
+    import inspect
+
+    return frozenset(inspect.signature(model_class.forward).parameters)
+
+
+def cache_argument(model: Any) -> str:
+    """The keyword a causal LM's forward takes its key/value cache by: `cache` in recent
+    transformers 5 releases, `past_key_values` in earlier ones (deprecated since, and removed
+    in 5.40)."""
+    return "cache" if forward_takes(model, "cache") else "past_key_values"
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward pass returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @functools.cache
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere torch

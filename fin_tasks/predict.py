@@ -18,8 +18,9 @@ import torch
 
 from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (BaseRef, check_trained_weights, dequantized, load_base,
-                              load_tokenizer, read_base_ref, with_adapter)
+from fin_tasks.models import (BaseRef, cache_argument, check_trained_weights, dequantized,
+                              load_base, load_tokenizer, read_base_ref, returned_cache,
+                              with_adapter)
 from fin_tasks.predictions import (parse, predict_baseline, run_settings, variants_for,
                                    write_predictions)
 from fin_tasks.tasks import Task, task_from_config
@@ -84,7 +85,7 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     # (for 12 EDTSum articles and a 49k vocabulary, gigabytes and most of the prefill's time)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    cache, lengths = out.past_key_values, mask.sum(-1)
+    cache, lengths = returned_cache(out), mask.sum(-1)
     rows = list(range(len(ids)))  # the original row of each row still in the batch
     produced: list[list[int]] = [[] for _ in rows]
     tokens = _next_tokens(out.logits[:, -1])
@@ -103,7 +104,8 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
             rows = [rows[k] for k in keep]
         mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=1)
         out = model(input_ids=tokens[:, None], attention_mask=mask,
-                    position_ids=lengths[:, None], past_key_values=cache, use_cache=True)
+                    position_ids=lengths[:, None], use_cache=True,
+                    **{cache_argument(model): cache})
         lengths = lengths + 1
         tokens = _next_tokens(out.logits[:, -1])
     return produced
@@ -168,7 +170,7 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                     position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
         first = torch.log_softmax(_next_logits_checked(out.logits[:, -1]).float(), dim=-1).cpu()
-        rest = _continuations(model, out.past_key_values, mask, choice_ids, tokenizer, device)
+        rest = _continuations(model, returned_cache(out), mask, choice_ids, tokenizer, device)
         for n, i in enumerate(chunk):
             scores[i] = [float(first[n, c[0]]) + rest[n * len(choice_ids) + k]
                          for k, c in enumerate(choice_ids)]
@@ -205,7 +207,8 @@ def _continuations(model: Any, cache: Any, prompt_mask: torch.Tensor,
     positions = lengths[:, None] + torch.arange(longest)[None, :]
     mask = torch.cat([prompt_mask.repeat_interleave(count, dim=0), valid], dim=1)
     logits = model(input_ids=tokens[:, :-1].to(device), attention_mask=mask[:, :-1].to(device),
-                   position_ids=positions[:, :-1].to(device), past_key_values=cache).logits
+                   position_ids=positions[:, :-1].to(device),
+                   **{cache_argument(model): cache}).logits
     logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
     picked = logprobs.gather(-1, tokens[:, 1:, None])[..., 0] * valid[:, 1:]
     return picked.sum(-1).tolist()

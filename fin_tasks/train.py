@@ -8,7 +8,6 @@ dynamically; gradients accumulate; the learning rate warms up then decays.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -30,10 +29,11 @@ from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, s
                                  write_csv, write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (base_identity, data_parallel, device_for, load_base,
-                              load_tokenizer, peak_memory_bytes, read_base_ref,
-                              resolved_quantization, sum_gradients, trainable_state,
-                              weight_hashes, with_lora, WEIGHTS_KEY)
+from fin_tasks.models import (base_identity, cache_argument, data_parallel, device_for,
+                              forward_takes, load_base, load_tokenizer, peak_memory_bytes,
+                              read_base_ref, resolved_quantization, returned_cache,
+                              sum_gradients, trainable_state, weight_hashes, with_lora,
+                              WEIGHTS_KEY)
 from fin_tasks.prompting import IGNORE, encode_example
 from fin_tasks.runs import run_record, training_records, write_loss_plots
 from fin_tasks.tasks import Task, task_from_config
@@ -157,7 +157,11 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
             labels.numel()
     targets = labels[:, 1:]
     learned = (targets != IGNORE).any(0).nonzero().squeeze(-1)  # positions p predicting p+1
-    if len(learned) < targets.shape[1] and _selects_logits(model):
+    shared = _shared_prefix(model, batch, learned)
+    if shared:
+        logits = _logits_after_prefix(model, batch, shared, learned)
+        targets = targets[:, learned]
+    elif len(learned) < targets.shape[1] and _selects_logits(model):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        logits_to_keep=learned).logits
         targets = targets[:, learned]
@@ -170,19 +174,49 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return loss, int((targets != IGNORE).sum())
 
 
+MIN_SHARED_PREFIX = 8  # tokens; below this, one more forward pass costs more than it saves
+
+
+def _shared_prefix(model: Any, batch: dict[str, torch.Tensor], learned: torch.Tensor) -> int:
+    """Length of the prompt prefix that every row of a causal LM's batch shares and that no
+    learned position needs logits from (an instruction, a system prompt), when computing it
+    once is exact: 0 when there is no such prefix worth it, or while dropout is active (each
+    row would draw its own mask over it)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if len(ids) < 2 or not len(learned) or not _selects_logits(model) or (
+            model.training and _has_dropout(model)):
+        return 0
+    same = ((ids == ids[:1]) & (mask == 1)).all(0).long().cumprod(0)
+    length = min(int(same.sum()), int(learned[0]))  # the first learned logit: after it
+    return length if length >= MIN_SHARED_PREFIX else 0
+
+
+def _logits_after_prefix(model: Any, batch: dict[str, torch.Tensor], prefix: int,
+                         learned: torch.Tensor) -> torch.Tensor:
+    """Logits at the `learned` positions, the shared prefix run once (one row) and its
+    key/value cache broadcast to every row: causal attention makes the prefix's states the
+    same in every row, so this is the plain forward's result at a fraction of the tokens
+    (gradients flow through the broadcast into the prefix's computation)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows, width = ids.shape
+    cache = returned_cache(model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1))
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    positions = torch.arange(prefix, width, device=ids.device)[None].expand(rows, -1)
+    return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
+                 use_cache=True, logits_to_keep=learned - prefix,
+                 **{cache_argument(model): cache}).logits
+
+
+def _has_dropout(model: Any) -> bool:
+    """Whether any dropout layer of the model drops anything (LoRA dropout included)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules())
+
+
 def _selects_logits(model: Any) -> bool:
     """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs do)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_takes(type(base), "logits_to_keep")
-
-
-@functools.cache
-def _forward_takes(model_class: type, name: str) -> bool:
-    """Whether a model class's forward has parameter `name` (asked once per class: the
-    question comes with every micro-batch)."""
-    import inspect
-
-    return name in inspect.signature(model_class.forward).parameters
+    return forward_takes(model, "logits_to_keep")
 
 
 @torch.no_grad()
@@ -211,8 +245,9 @@ def evaluate_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_
     order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
     for start in range(0, len(order), batch_size):
         batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         if batch["labels"].dim() == 1:
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
             total += float(torch.nn.functional.cross_entropy(
                 logits.float(), batch["labels"], reduction="sum"))
             count += batch["labels"].numel()

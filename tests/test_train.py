@@ -353,3 +353,40 @@ def test_a_ready_quantized_base_loads_what_quantizing_at_load_gives(workspace, t
     assert ready_quantized(fp4, BaseRef(str(base))) is None
     layer = load_base(fp4, BaseRef(str(base))).model.layers[0].mlp.up_proj
     assert layer.weight.quant_state.quant_type == "fp4"
+
+
+def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(
+        workspace) -> None:
+    """The instruction every Task 1 prompt starts with runs once per micro-batch: the loss
+    and the adapters' gradients are those of the plain forward over every row."""
+    from fin_tasks.train import _shared_prefix, loss_sum
+
+    params = make_params({"lora": {"r": 4, "alpha": 8, "dropout": 0.0,
+                                   "target_modules": "all-linear"}})  # 4-bit NF4 base
+    loop = _loop(params, "tiny-t1", workspace)
+    with torch.no_grad():  # adapters that change the output (B starts at zero)
+        for name, weight in loop.model.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(std=0.05)
+    batch = collate(loop.train_set[:6], loop.pad_id, torch.device("cpu"))
+    learned = (batch["labels"][:, 1:] != IGNORE).any(0).nonzero().squeeze(-1)
+    assert _shared_prefix(loop.model, batch, learned) >= 8
+    fast, terms = loss_sum(loop.model, batch)
+    fast.backward()
+    fast_grads = {k: v.grad.clone() for k, v in loop.model.named_parameters() if v.grad is not None}
+    loop.model.zero_grad()
+    logits = loop.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    plain = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), batch["labels"][:, 1:].reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+    plain.backward()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert fast_grads and all(v.abs().max() > 0 for v in fast_grads.values())
+    for name, weight in loop.model.named_parameters():
+        if name in fast_grads:
+            torch.testing.assert_close(fast_grads[name], weight.grad, rtol=1e-4, atol=1e-5)
+    # with dropout active, each row draws its own mask over the prompt: no sharing
+    dropping = _loop(make_params(), "tiny-t1", workspace)
+    assert _shared_prefix(dropping.model, batch, learned) == 0
+    dropping.model.eval()
+    assert _shared_prefix(dropping.model, batch, learned) >= 8
