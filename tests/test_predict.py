@@ -13,7 +13,8 @@ from fin_tasks.baselines import lead
 from fin_tasks.evaluate import evaluate_run
 from fin_tasks.metrics import MISSING
 from fin_tasks.models import load_base, load_tokenizer, read_base_ref
-from fin_tasks.predict import _batches, generate, predict_run, score_choices
+from fin_tasks.predict import (_batches, _left_padded, _shared_prompt_prefix, generate,
+                               predict_run, score_choices)
 from fin_tasks.train import train
 
 from conftest import make_params
@@ -36,6 +37,25 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny) -> None:
     single = [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0]
               for p in PROMPTS]
     assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+def test_a_shared_prompt_prefix_runs_once_and_changes_no_output(tiny) -> None:
+    """The instruction every prompt starts with is computed once per batch: generations and
+    choice scores are those of each prompt alone."""
+    model, tokenizer = tiny
+    instruction = ("Analyze sentences from earnings conference calls and identify their "
+                   "argumentative function. Return only premise or claim.")
+    prompts = [f"{instruction}\nText: {p.split('Text: ')[-1]}" for p in PROMPTS]
+    ids, mask = _left_padded([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id)
+    assert _shared_prompt_prefix(ids, mask) >= 8
+    batched = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+    assert batched == [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0]
+                       for p in prompts]
+    choices = ["premise", "claim", "neither of the two"]
+    together = score_choices(model, tokenizer, prompts, choices, batch_size=3)
+    for prompt, row in zip(prompts, together):
+        alone = score_choices(model, tokenizer, [prompt], choices, batch_size=1)[0]
+        assert row == pytest.approx(alone, abs=1e-4)
 
 
 def test_batches_cap_rows_and_padded_tokens() -> None:
