@@ -97,7 +97,7 @@ def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
 def forward_takes(model: Any, name: str) -> bool:
     """Whether a model's forward (under any peft wrapper) has a parameter called `name`."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return _forward_parameters(type(base)).__contains__(name)
+    return name in _forward_parameters(type(base))
 
 
 @functools.cache
@@ -120,6 +120,21 @@ def returned_cache(output: Any) -> Any:
     """The key/value cache a forward pass returned, under either name."""
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
+
+
+MIN_SHARED_PREFIX = 8  # tokens; below this, one more forward pass costs more than it saves
+
+
+def shared_prefix_cache(model: Any, prefix: torch.Tensor, rows: int) -> Any:
+    """The key/value cache of a prompt prefix (one row of token ids) computed once and
+    broadcast to `rows` rows, without copies. Causal attention gives a prefix the same states
+    whatever follows it, so every row may continue from it; under autograd, gradients flow
+    back through the broadcast into the prefix's one computation."""
+    cache = returned_cache(model(input_ids=prefix, use_cache=True, logits_to_keep=1))
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    return cache
 
 
 @functools.cache

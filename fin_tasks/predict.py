@@ -18,9 +18,9 @@ import torch
 
 from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (BaseRef, cache_argument, check_trained_weights, dequantized,
-                              load_base, load_tokenizer, read_base_ref, returned_cache,
-                              with_adapter)
+from fin_tasks.models import (MIN_SHARED_PREFIX, BaseRef, cache_argument,
+                              check_trained_weights, dequantized, load_base, load_tokenizer,
+                              read_base_ref, returned_cache, shared_prefix_cache, with_adapter)
 from fin_tasks.predictions import (parse, predict_baseline, run_settings, variants_for,
                                    write_predictions)
 from fin_tasks.tasks import Task, task_from_config
@@ -80,8 +80,8 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
            stops: set[int]) -> list[list[int]]:
     """New tokens of each left-padded row by greedy decoding with a key/value cache, each row
     ending at its first stop token (kept) or after `max_new_tokens`; finished rows leave."""
-    out, mask, lengths = _prefill(model, ids, mask)
-    cache = returned_cache(out)
+    out, mask = _prefill(model, ids, mask)
+    cache, lengths = returned_cache(out), mask.sum(-1)
     rows = list(range(len(ids)))  # the original row of each row still in the batch
     produced: list[list[int]] = [[] for _ in rows]
     tokens = _next_tokens(out.logits[:, -1])
@@ -107,33 +107,25 @@ def greedy(model: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: in
     return produced
 
 
-MIN_SHARED_PREFIX = 8  # tokens; below this, one more forward pass costs more than it saves
-
-
-def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor,
-             ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """The forward pass over left-padded prompts, with the output layer at the last position
     only (the prompt's other logits are never read: for 12 EDTSum articles and a 49k
-    vocabulary, gigabytes and most of the prefill's time). Returns the output, the attention
-    mask its cache goes with, and each row's length.
+    vocabulary, gigabytes and most of the prefill's time). Returns the output and the
+    attention mask its cache goes with (its row sums are the prompts' lengths).
 
     A prefix every prompt shares (a chat template's system prompt, the task's instruction)
     runs once, as one row; its key/value cache is broadcast to every row and the rest of
     each prompt follows it, left-padded after it (the mask has a hole there). Causal
     attention gives the prefix the same states in every row, so the logits are the plain
     pass's."""
-    lengths = mask.sum(-1)
     shared = _shared_prompt_prefix(ids, mask)
     if shared < MIN_SHARED_PREFIX:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                     use_cache=True, logits_to_keep=1), mask, lengths
-    rows, starts = len(ids), ids.shape[1] - lengths
-    cache = returned_cache(model(input_ids=ids[:1, int(starts[0]):int(starts[0]) + shared],
-                                 use_cache=True, logits_to_keep=1))
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
+                     use_cache=True, logits_to_keep=1), mask
+    rows, starts = len(ids), ids.shape[1] - mask.sum(-1)
+    first = int(starts[0])
+    cache = shared_prefix_cache(model, ids[:1, first:first + shared], rows)
     rest = torch.zeros_like(ids[:, : ids.shape[1] - shared])  # the prompts after the prefix
     rest_mask = torch.zeros_like(rest)
     for row in range(rows):  # each row keeps its left padding
@@ -144,7 +136,7 @@ def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor,
     positions = shared + (rest_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=rest, attention_mask=full_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
-    return out, full_mask, lengths
+    return out, full_mask
 
 
 def _shared_prompt_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
@@ -214,7 +206,7 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
     scores: dict[int, list[float]] = {}
     for chunk in _batches([len(ids) for ids in prompt_ids], batch_size, batch_tokens):
         ids, mask = _left_padded([prompt_ids[i] for i in chunk], tokenizer.pad_token_id)
-        out, mask, _ = _prefill(model, ids.to(device), mask.to(device))
+        out, mask = _prefill(model, ids.to(device), mask.to(device))
         first = torch.log_softmax(_next_logits_checked(out.logits[:, -1]).float(), dim=-1).cpu()
         rest = _continuations(model, returned_cache(out), mask, choice_ids, tokenizer, device)
         for n, i in enumerate(chunk):

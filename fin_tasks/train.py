@@ -29,11 +29,11 @@ from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, s
                                  write_csv, write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (base_identity, cache_argument, data_parallel, device_for,
-                              forward_takes, load_base, load_tokenizer, peak_memory_bytes,
-                              read_base_ref, resolved_quantization, returned_cache,
-                              sum_gradients, trainable_state, weight_hashes, with_lora,
-                              WEIGHTS_KEY)
+from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument,
+                              data_parallel, device_for, forward_takes, load_base,
+                              load_tokenizer, peak_memory_bytes, read_base_ref,
+                              resolved_quantization, shared_prefix_cache, sum_gradients,
+                              trainable_state, weight_hashes, with_lora, WEIGHTS_KEY)
 from fin_tasks.prompting import IGNORE, encode_example
 from fin_tasks.runs import run_record, training_records, write_loss_plots
 from fin_tasks.tasks import Task, task_from_config
@@ -174,9 +174,6 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     return loss, int((targets != IGNORE).sum())
 
 
-MIN_SHARED_PREFIX = 8  # tokens; below this, one more forward pass costs more than it saves
-
-
 def _shared_prefix(model: Any, batch: dict[str, torch.Tensor], learned: torch.Tensor) -> int:
     """Length of the prompt prefix that every row of a causal LM's batch shares and that no
     learned position needs logits from (an instruction, a system prompt), when computing it
@@ -199,10 +196,7 @@ def _logits_after_prefix(model: Any, batch: dict[str, torch.Tensor], prefix: int
     (gradients flow through the broadcast into the prefix's computation)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     rows, width = ids.shape
-    cache = returned_cache(model(input_ids=ids[:1, :prefix], use_cache=True, logits_to_keep=1))
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
+    cache = shared_prefix_cache(model, ids[:1, :prefix], rows)
     positions = torch.arange(prefix, width, device=ids.device)[None].expand(rows, -1)
     return model(input_ids=ids[:, prefix:], attention_mask=mask, position_ids=positions,
                  use_cache=True, logits_to_keep=learned - prefix,

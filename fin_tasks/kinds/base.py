@@ -51,10 +51,6 @@ class Kind:
     submittable: bool = True
     """Whether `submit` can bundle a task of this kind."""
 
-    def better(self, a: float, b: float) -> bool:
-        """Whether score `a` ranks above score `b`."""
-        return a > b if self.higher_is_better else a < b
-
     def sort_key(self, score: float) -> float:
         """A key that sorts scores best first."""
         return -score if self.higher_is_better else score
