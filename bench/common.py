@@ -44,6 +44,7 @@ def timed_predictions(raw: dict, modes: list[tuple[str, str, int]], prepared: Pa
     with the `evaluate` stage; (label, timing, metrics) rows."""
     from fin_tasks.config import parse_params
     from fin_tasks.evaluate import evaluate_run
+    from fin_tasks.runs import resolve_run
     from fin_tasks.predict import predict_run
 
     rows = []
@@ -52,8 +53,9 @@ def timed_predictions(raw: dict, modes: list[tuple[str, str, int]], prepared: Pa
                           "splits": ["valid"]}
         params = parse_params(raw)
         folder = out / f"predict-{mode}-{batch}"
-        info = predict_run("tiny", params, prepared, out / "base", out / "train", folder)
-        scored = evaluate_run("tiny", params, prepared, folder, out / f"eval-{mode}-{batch}")
+        run = resolve_run(params, "tiny")
+        info = predict_run(run, prepared, out / "base", out / "train", folder)
+        scored = evaluate_run(run, prepared, folder, out / f"eval-{mode}-{batch}")
         rows.append((label, info["variants"]["adapter"]["valid"],
                      scored["metrics"]["adapter"]["valid"]))
     return rows
@@ -66,6 +68,7 @@ def prepare_and_train(raw: dict, out: Path, valid: list[dict[str, Any]] | None =
     from fin_tasks.base import build_base
     from fin_tasks.config import parse_params
     from fin_tasks.prepare import prepare_task
+    from fin_tasks.runs import resolve_run
     from fin_tasks.train import train
 
     params = parse_params(raw)
@@ -74,7 +77,8 @@ def prepare_and_train(raw: dict, out: Path, valid: list[dict[str, Any]] | None =
     prepare_task(name, params.tasks[name], params.prepare, prepared)
     valid = valid if valid is not None else read_jsonl(prepared / "valid.jsonl")[:rows]
     write_jsonl(prepared / "valid.jsonl", valid)
-    build_base("tiny", params, out / "prepare", out / "base")
-    train("tiny", params, prepared, out / "base", out / "train",
+    build_base("tiny", params.models["tiny"], out / "prepare", out / "base",
+               tuple(params.tasks))
+    train(resolve_run(params, "tiny"), prepared, out / "base", out / "train",
           checkpoint_root=out / "checkpoints")
     return prepared

@@ -77,7 +77,8 @@ def run(folder: Path, shape: dict, quantized: bool, args: argparse.Namespace) ->
     """Train LoRA for `args.steps` steps (after 2 warm-up steps) with fin_tasks' loop."""
     from fin_tasks.config import Hyper, ModelConfig
     from fin_tasks.models import BaseRef, device_for, load_base, with_lora
-    from fin_tasks.train import Example, Progress, _Loop
+    from fin_tasks.encoding import Example
+    from fin_tasks.train import Progress, _Loop
 
     gpu = torch.cuda.is_available()
     compute = "bfloat16" if gpu else "float32"

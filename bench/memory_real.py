@@ -35,7 +35,8 @@ def child(args: argparse.Namespace) -> None:
     from fin_tasks.config import parse_params
     from fin_tasks.models import load_base, load_tokenizer, read_base_ref, with_lora
     from fin_tasks.tasks import task_from_config
-    from fin_tasks.train import collate, encode, loss_sum
+    from fin_tasks.encoding import collate, encode
+    from fin_tasks.train import loss_sum
 
     model = yaml.safe_load((ROOT / "configs/cpu-llms.yaml").read_text())["models"][args.model]
     if args.mode == "bf16":

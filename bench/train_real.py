@@ -52,7 +52,7 @@ def setup(name: str, rows: int, dropout: float, work: Path) -> tuple[Any, ...]:
     from fin_tasks.models import load_tokenizer, read_base_ref
     from fin_tasks.prepare import prepare_task
     from fin_tasks.tasks import task_from_config
-    from fin_tasks.train import encode
+    from fin_tasks.encoding import encode
 
     model = yaml.safe_load((ROOT / "configs/cpu-llms.yaml").read_text())["models"][name]
     model["lora"]["dropout"] = dropout
@@ -69,7 +69,7 @@ def setup(name: str, rows: int, dropout: float, work: Path) -> tuple[Any, ...]:
     if not (prepared / "manifest.json").exists():
         prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, prepared)
     if not (work / "base" / name / "base.json").exists():
-        build_base(name, params, work / "prepare", work / "base" / name)
+        build_base(name, params.models[name], work / "prepare", work / "base" / name)
     tokenizer = load_tokenizer(read_base_ref(work / "base" / name))
     config, task = params.models[name], task_from_config("finarg_ecc",
                                                           params.tasks["finarg_ecc"])

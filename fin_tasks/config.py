@@ -9,7 +9,7 @@ from __future__ import annotations
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fin_tasks import kinds, tasks
 from fin_tasks.errors import ConfigError
 from fin_tasks.kinds import Kind
+
+Section = TypeVar("Section", bound=BaseModel)
 
 
 class Strict(BaseModel):
@@ -432,19 +434,6 @@ class SubmitConfig(Strict):
     """Rows of train and of test for the data leakage test (0: skip it)."""
 
 
-class ScheduleConfig(Strict):
-    """When the scheduled Prefect deployment re-runs the pipeline (`flows/deploy.py`)."""
-
-    cron: str = "0 2 * * *"
-    """Cron expression of the `fin-tasks/nightly` deployment (default: 02:00 every day)."""
-    timezone: str = "UTC"
-    """Time zone of the cron expression."""
-    dispatch_gpu: bool = True
-    """Send trainings of `gpu: true` models to the `gpu` work pool's workers."""
-    push: bool = True
-    """Push every output to the DVC remote at the end of a scheduled run."""
-
-
 MERGE_METHODS = ("sequential", "linear", "cat", "svd", "ties", "dare_ties")
 EXACT_MERGES = ("sequential", "cat")
 
@@ -517,8 +506,10 @@ class Params(Strict):
     """Settings of the `submit` stage."""
     merge: dict[str, MergeConfig] = {}
     """Adapter merges, by name (the `merge` stage); names distinct from train runs."""
-    schedule: ScheduleConfig = ScheduleConfig()
-    """The scheduled deployment of the pipeline flow."""
+    schedule: dict[str, Any] = {}
+    """The scheduled deployment of the pipeline flow: read and validated by the flows alone
+    (`fin_tasks.schedule.ScheduleConfig`), so no stage depends on it and editing it reruns
+    nothing."""
 
     @model_validator(mode="after")
     def _runs_name_known_entries(self) -> Params:
@@ -532,6 +523,10 @@ class Params(Strict):
             if run.zero_shot and self.models[run.model].kind != "causal":
                 raise ValueError(f"train.runs.{name}.zero_shot: only a causal LM answers "
                                  f"without training, not a '{self.models[run.model].kind}'")
+            if self.tasks[run.task].kind.training == "text" and \
+                    self.models[run.model].kind == "encoder":
+                raise ValueError(f"train.runs.{name}: continual pre-training on '{run.task}' "
+                                 "learns every token, which needs a causal LM, not an encoder")
         for task in self.submit.tasks:
             if task not in self.tasks:
                 raise ValueError(f"submit.tasks: unknown task '{task}'")
@@ -606,12 +601,22 @@ def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(_explain(error, source)) from None
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def parse_section(model: type[Section], raw: Any, key: str, source: str = "params") -> Section:
+    """Validate one section of params that its own module declares (no stage reads it, so
+    `config.py`, which every stage imports, does not); errors read like `parse_params`'s."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_explain(error, source, model, (key,))) from None
+
+
+def _explain(error: ValidationError, source: str, model: type[BaseModel] = Params,
+             prefix: tuple[str, ...] = ()) -> str:
     lines = []
     for item in error.errors():
-        loc = ".".join(str(part) for part in item["loc"])
+        loc = ".".join(str(part) for part in prefix + tuple(item["loc"]))
         if item["type"] == "extra_forbidden":
-            allowed = ", ".join(sorted(_model_at(Params, item["loc"][:-1]).model_fields))
+            allowed = ", ".join(sorted(_model_at(model, item["loc"][:-1]).model_fields))
             lines.append(f"{source}: unknown key '{loc}'; allowed keys here: {allowed}")
         else:
             lines.append(f"{source}: '{loc or '<top>'}': {item['msg']}")

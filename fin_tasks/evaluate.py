@@ -14,42 +14,39 @@ from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv, write_json
-from fin_tasks.config import Params
+from fin_tasks.config import EvaluateConfig
 from fin_tasks.layout import EVALUATION_FILE
-from fin_tasks.tasks import task_from_config
+from fin_tasks.runs import MergeInputs, RunInputs
+from fin_tasks.tasks import Task
 
 
-
-def evaluate_run(run: str, params: Params, prepared_dir: str | Path, predict_dir: str | Path,
+def evaluate_run(run: RunInputs, prepared_dir: str | Path, predict_dir: str | Path,
                  out_dir: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every variant's predictions of one train run; write evaluation.json (the full
     record) and metrics.json (its numbers)."""
-    spec = params.train.runs[run]
-    return evaluate_predictions({"run": run, "task": spec.task, "model": spec.model}, params,
-                                prepared_dir, predict_dir, out_dir, plots_dir)
+    info = {"run": run.name, "task": run.entry.task, "model": run.entry.model}
+    return evaluate_predictions(info, run.task, run.evaluate, prepared_dir, predict_dir, out_dir,
+                                plots_dir)
 
 
-def evaluate_merge(name: str, params: Params, prepared_dir: str | Path, merge_dir: str | Path,
+def evaluate_merge(merge: MergeInputs, prepared_dir: str | Path, merge_dir: str | Path,
                    predict_dir: str | Path, out_dir: str | Path,
                    plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score a merge's comparison (base, base + each adapter, merged) on its task; the
     merge's own check (merged vs unmerged logits) is carried into evaluation.json."""
-    merge = params.merge[name]
-    model = params.train.runs[merge.adapters[0]].model
     record = json.loads((Path(merge_dir) / "merge.json").read_text(encoding="utf-8"))
-    return evaluate_predictions({"merge": name, "task": merge.evaluate_on, "model": model,
-                                 "method": merge.method, "merge_check": record["check"]},
-                                params, prepared_dir, predict_dir, out_dir, plots_dir)
+    info = {"merge": merge.name, "task": merge.config.evaluate_on, "model": merge.model_name,
+            "method": merge.config.method, "merge_check": record["check"]}
+    return evaluate_predictions(info, merge.task, merge.evaluate, prepared_dir, predict_dir,
+                                out_dir, plots_dir)
 
 
-def evaluate_predictions(info: dict[str, Any], params: Params, prepared_dir: str | Path,
-                         predict_dir: str | Path, out_dir: str | Path,
+def evaluate_predictions(info: dict[str, Any], task: Task, settings: EvaluateConfig,
+                         prepared_dir: str | Path, predict_dir: str | Path, out_dir: str | Path,
                          plots_dir: str | Path | None = None) -> dict[str, Any]:
-    """Score every `<variant>/<split>.jsonl` under `predict_dir` on `info["task"]`'s labeled
-    splits; write evaluation.json, its numbers in metrics.json, and confusion matrices for
-    `dvc plots`."""
-    settings = params.evaluate
-    task = task_from_config(info["task"], params.tasks[info["task"]])
+    """Score every `<variant>/<split>.jsonl` under `predict_dir` on `task`'s labeled splits;
+    write evaluation.json (with `info`), its numbers in metrics.json, and confusion matrices
+    for `dvc plots`."""
     prepared_dir, predict_dir = Path(prepared_dir), Path(predict_dir)
     metrics: dict[str, Any] = {}
     confusions: dict[str, list[dict[str, str]]] = {}

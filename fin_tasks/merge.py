@@ -21,11 +21,12 @@ from typing import Any
 import torch
 
 from fin_tasks.artifacts import atomic_dir, package_versions, read_jsonl, sha256_file, write_json
-from fin_tasks.config import EXACT_MERGES, MergeConfig, ModelConfig, Params
+from fin_tasks.config import EXACT_MERGES, MergeConfig, ModelConfig
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (BaseRef, base_identity, check_trained_weights, dequantized,
                               load_base, load_tokenizer, read_base_ref)
 from fin_tasks.prompting import render_prompt
+from fin_tasks.runs import MergeInputs
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +116,13 @@ def combine(model: Any, names: Sequence[str], adapter_dirs: Sequence[Path],
     return model.merge_and_unload(adapter_names=["merged"])
 
 
-def merge_adapters(name: str, params: Params, base_dir: str | Path, train_root: str | Path,
+def merge_adapters(inputs: MergeInputs, base_dir: str | Path, train_root: str | Path,
                    probe_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Merge, check and save one `merge` entry into `out_dir` (atomically); its record."""
     from peft import PeftModel
 
-    merge = params.merge[name]
+    name, merge, config = inputs.name, inputs.config, inputs.model
     runs, weights = merge.adapters, merge.adapter_weights
-    config = params.models[params.train.runs[runs[0]].model]
     base_dir, train_root = Path(base_dir), Path(train_root)
     identity = check_same_base(name, runs, train_root, base_dir)
     adapter_dirs = [train_root / run / "adapter" for run in runs]

@@ -16,17 +16,18 @@ from typing import Any
 
 import torch
 
-from fin_tasks.config import BASELINE_KINDS, ModelConfig, Params, PredictConfig
+from fin_tasks.config import BASELINE_KINDS, ModelConfig, PredictConfig
+from fin_tasks.encoding import Example, collate, encode_corpus, encode_encoder
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (MIN_SHARED_PREFIX, BaseRef, cache_argument,
                               check_trained_weights, dequantized, load_base, load_tokenizer,
                               read_base_ref, returned_cache, shared_prefix_cache, with_adapter)
-from fin_tasks.predictions import (parse, predict_baseline, run_settings, variants_for,
+from fin_tasks.predictions import (parse, predict_baseline, variants_for,
                                    write_predictions)
-from fin_tasks.tasks import Task, task_from_config
+from fin_tasks.runs import MergeInputs, RunInputs
+from fin_tasks.tasks import Task
 from fin_tasks.prompting import (IGNORE, answer_separator, encode_texts, end_of_turn_id,
                                  keep_ends, render_prompt)
-from fin_tasks.train import classify, collate, encode_corpus, encode_encoder
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +277,21 @@ def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], m
     return [(total, count) for total, count in totals]
 
 
+@torch.no_grad()
+def classify(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
+             device: torch.device) -> list[int]:
+    """Class index predicted by a classification head for each example, in input order."""
+    model.eval()
+    predicted: dict[int, int] = {}
+    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = collate([examples[i] for i in chunk], pad_id, device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        predicted.update(zip(chunk, logits.argmax(-1).tolist()))
+    return [predicted[i] for i in range(len(examples))]
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -322,41 +338,34 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
     return [{"output": text, "label": parse(task, text)} for text in texts]
 
 
-def predict_run(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
+def predict_run(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
                 train_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Predict every configured split with every variant of one trained run."""
-    spec, settings = params.train.runs[run], run_settings(params, run)
-    config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
+    config, task, settings = run.model, run.task, run.predict
     if config.kind in BASELINE_KINDS:
-        return predict_baseline(run, params, prepared_dir, train_dir, out_dir)
+        return predict_baseline(run, prepared_dir, train_dir, out_dir)
     base_dir, train_dir = Path(base_dir), Path(train_dir)
-    max_length = params.train.hyper(run).max_length
     predictors = {variant: partial(_predictor, variant, task, config, base_dir, train_dir,
-                                   settings, max_length)
-                  for variant in variants_for(config, settings, spec.zero_shot)}
-    info = {"run": run, "model": spec.model, "task": spec.task}
+                                   settings, run.hyper.max_length)
+                  for variant in variants_for(config, settings, run.entry.zero_shot)}
+    info = {"run": run.name, "model": run.entry.model, "task": run.entry.task}
     return write_predictions(info, task, config, predictors, settings, prepared_dir, out_dir)
 
 
-def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
+def predict_merge(merge: MergeInputs, prepared_dir: str | Path, base_dir: str | Path,
                   train_root: str | Path, merge_dir: str | Path,
                   out_dir: str | Path) -> dict[str, Any]:
     """Predict `evaluate_on` with the base alone, the base carrying each adapter (unmerged),
     and the merged model: the comparison a merge is judged by."""
-    merge = params.merge[name]
-    settings = params.predict.model_copy(update={"mode": merge.mode or params.predict.mode})
-    first = params.train.runs[merge.adapters[0]]
-    config = params.models[first.model]
-    task = task_from_config(merge.evaluate_on, params.tasks[merge.evaluate_on])
+    config, task, settings, max_length = merge.model, merge.task, merge.predict, merge.max_length
     base_dir, train_root, merge_dir = Path(base_dir), Path(train_root), Path(merge_dir)
-    max_length = params.train.hyper(merge.adapters[0]).max_length
     tokenizer_dir = merge_dir / "tokenizer"
     merged = config.model_copy(update={"quantization": config.quantization
-                                       if merge.requantize else None})
+                                       if merge.config.requantize else None})
     loaders: dict[str, Callable[[], Any]] = {
         "base": partial(_with_saved_adapter, config, base_dir, None, task.labels,
                         settings.dequantize)}
-    for run in merge.adapters:
+    for run in merge.config.adapters:
         loaders[f"+{run}"] = partial(_with_saved_adapter, config, base_dir,
                                      train_root / run / "adapter", task.labels,
                                      settings.dequantize)
@@ -364,8 +373,8 @@ def predict_merge(name: str, params: Params, prepared_dir: str | Path, base_dir:
     predictors = {variant: partial(_model_predictor, load, tokenizer_dir, task, config,
                                    settings, max_length)
                   for variant, load in loaders.items()}
-    info = {"merge": name, "model": first.model, "task": merge.evaluate_on,
-            "adapters": list(merge.adapters), "method": merge.method}
+    info = {"merge": merge.name, "model": merge.model_name, "task": merge.config.evaluate_on,
+            "adapters": list(merge.config.adapters), "method": merge.config.method}
     return write_predictions(info, task, config, predictors, settings, prepared_dir, out_dir)
 
 

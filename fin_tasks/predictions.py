@@ -18,19 +18,12 @@ import pandera.pandas as pa
 from fin_tasks import baselines
 from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
                                  write_json, write_jsonl)
-from fin_tasks.config import ModelConfig, Params, PredictConfig
+from fin_tasks.config import ModelConfig, PredictConfig
 from fin_tasks.metrics import MISSING, PARSERS
-from fin_tasks.tasks import Task, task_from_config
+from fin_tasks.runs import RunInputs
+from fin_tasks.tasks import Task
 
 log = logging.getLogger(__name__)
-
-
-def run_settings(params: Params, run: str) -> PredictConfig:
-    """The predict settings of one run: its own `predict_splits` over the stage's splits."""
-    spec, settings = params.train.runs[run], params.predict
-    if spec.predict_splits is not None:
-        settings = settings.model_copy(update={"splits": spec.predict_splits})
-    return settings
 
 
 def variants_for(config: ModelConfig, settings: PredictConfig,
@@ -99,17 +92,15 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
     return info
 
 
-def predict_baseline(run: str, params: Params, prepared_dir: str | Path, train_dir: str | Path,
+def predict_baseline(run: RunInputs, prepared_dir: str | Path, train_dir: str | Path,
                      out_dir: str | Path) -> dict[str, Any]:
     """The `predict` stage of a baseline run: its fitted rule applied to every split."""
-    spec = params.train.runs[run]
-    config, task = params.models[spec.model], task_from_config(spec.task, params.tasks[spec.task])
     fitted = json.loads((Path(train_dir) / "baseline.json").read_text(encoding="utf-8"))
 
     def predictor(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"output": text, "label": parse(task, text)}
+        return [{"output": text, "label": parse(run.task, text)}
                 for text in baselines.outputs(fitted, records)]
 
-    info = {"run": run, "model": spec.model, "task": spec.task}
-    return write_predictions(info, task, config, {"baseline": lambda: predictor},
-                             run_settings(params, run), prepared_dir, out_dir)
+    info = {"run": run.name, "model": run.entry.model, "task": run.entry.task}
+    return write_predictions(info, run.task, run.model, {"baseline": lambda: predictor},
+                             run.predict, prepared_dir, out_dir)

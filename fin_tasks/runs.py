@@ -1,23 +1,85 @@
-"""What every training run reads and records, whatever it trains: the records it learns
-from, its train_config.json entry and its loss curves (torch-free, so a baseline's stage
-never imports torch)."""
+"""What every training run reads and records, whatever it trains: its inputs resolved from
+params once, the records it learns from, its train_config.json entry and its loss curves
+(torch-free, so a baseline's stage never imports torch)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv
-from fin_tasks.config import Params
-from fin_tasks.tasks import Task
+from fin_tasks.config import (EvaluateConfig, Hyper, MergeConfig, ModelConfig, Params,
+                              PredictConfig, Run, TaskConfig)
+from fin_tasks.tasks import Task, task_from_config
 
 
-def run_record(params: Params, run: str, prepared_dir: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunInputs:
+    """One train run with its names resolved: everything its train, predict and evaluate
+    stages read, and nothing else (the CLI resolves it once, from params)."""
+
+    name: str
+    entry: Run
+    """Its params entry: the model and task names, overrides, zero_shot, predict_splits."""
+    model: ModelConfig
+    task_config: TaskConfig
+    task: Task
+    hyper: Hyper
+    """The train defaults with the run's overrides."""
+    predict: PredictConfig
+    """The predict settings with the run's own `predict_splits`."""
+    evaluate: EvaluateConfig
+
+
+def resolve_run(params: Params, name: str) -> RunInputs:
+    """The inputs of train run `name` (a name params does not define is a KeyError)."""
+    entry = params.train.runs[name]
+    predict = params.predict
+    if entry.predict_splits is not None:
+        predict = predict.model_copy(update={"splits": entry.predict_splits})
+    return RunInputs(name=name, entry=entry, model=params.models[entry.model],
+                     task_config=params.tasks[entry.task],
+                     task=task_from_config(entry.task, params.tasks[entry.task]),
+                     hyper=params.train.hyper(name), predict=predict, evaluate=params.evaluate)
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """One `merge` entry with its names resolved: what its merge, predict and evaluate stages
+    read (the CLI resolves it once, from params)."""
+
+    name: str
+    config: MergeConfig
+    model_name: str
+    """The base model its adapters were trained on (params checks they share one)."""
+    model: ModelConfig
+    task: Task
+    """`evaluate_on`, the task the merged model is compared on."""
+    max_length: int
+    """The first adapter's training `max_length` (prompts are cut as in training)."""
+    predict: PredictConfig
+    """The predict settings with the merge's own `mode`."""
+    evaluate: EvaluateConfig
+
+
+def resolve_merge(params: Params, name: str) -> MergeInputs:
+    """The inputs of merge `name` (a name params does not define is a KeyError)."""
+    merge = params.merge[name]
+    first = params.train.runs[merge.adapters[0]]
+    predict = params.predict.model_copy(update={"mode": merge.mode or params.predict.mode})
+    return MergeInputs(name=name, config=merge, model_name=first.model,
+                       model=params.models[first.model],
+                       task=task_from_config(merge.evaluate_on, params.tasks[merge.evaluate_on]),
+                       max_length=params.train.hyper(merge.adapters[0]).max_length,
+                       predict=predict, evaluate=params.evaluate)
+
+
+def run_record(run: RunInputs, prepared_dir: Path) -> dict[str, Any]:
     """What every run's train_config.json holds: its entry, model, task and data hashes."""
-    spec = params.train.runs[run]
-    return {"run": spec.model_dump(mode="json"),
-            "model": params.models[spec.model].model_dump(mode="json"),
-            "task": params.tasks[spec.task].model_dump(mode="json"),
+    return {"run": run.entry.model_dump(mode="json"),
+            "model": run.model.model_dump(mode="json"),
+            "task": run.task_config.model_dump(mode="json"),
             "data": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))}}
 
 

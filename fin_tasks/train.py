@@ -27,77 +27,21 @@ from tqdm.auto import tqdm
 from fin_tasks import baselines
 from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, sha256_file,
                                  write_csv, write_json)
-from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig, Params
-from fin_tasks.errors import ModelError
+from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig
+from fin_tasks.encoding import Example, collate, encode
+from fin_tasks.events import emit
 from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument,
                               data_parallel, device_for, forward_takes, load_base,
                               load_tokenizer, peak_memory_bytes, read_base_ref,
-                              resolved_quantization, shared_prefix_cache, sum_gradients,
-                              trainable_state, weight_hashes, with_lora, WEIGHTS_KEY)
-from fin_tasks.prompting import IGNORE, encode_example
-from fin_tasks.runs import run_record, training_records, write_loss_plots
-from fin_tasks.tasks import Task, task_from_config
+                              reset_peak_memory, resolved_quantization, shared_prefix_cache,
+                              sum_gradients, trainable_state, weight_hashes, with_lora,
+                              WEIGHTS_KEY)
+from fin_tasks.prompting import IGNORE
+from fin_tasks.runs import RunInputs, run_record, training_records, write_loss_plots
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One tokenized training example."""
-
-    input_ids: list[int]
-    labels: list[int] | int
-    """Per-token labels (causal; IGNORE on the prompt) or a class index (encoder)."""
-
-    @property
-    def tokens(self) -> int:
-        return len(self.input_ids)
-
-
-# ---------------------------------------------------------------- encoding
-
-
-def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int,
-                  use_chat_template: bool = True) -> list[Example]:
-    """Prompt, then answer and its closing token(s), rendered as the chat template does (see
-    `prompting.encode_example`); labels only on the answer."""
-    return [Example(*encode_example(record, tokenizer, max_length, use_chat_template))
-            for record in records]
-
-
-def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
-                   max_length: int) -> list[Example]:
-    """Text tokens and the gold class index (IGNORE for an unlabeled record)."""
-    encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
-    return [Example(ids, IGNORE if r.get("gold") is None else int(r["gold"]))
-            for ids, r in zip(encoded["input_ids"], records)]
-
-
-def encode_corpus(records: Sequence[dict[str, Any]], tokenizer: Any,
-                  max_length: int) -> list[Example]:
-    """Continual pre-training: every token of each text (plus EOS) is learned; a text longer
-    than `max_length` tokens becomes consecutive windows, so no text is lost."""
-    examples = []
-    for record in records:
-        ids = tokenizer(record["text"], add_special_tokens=True)["input_ids"]
-        ids = ids + [tokenizer.eos_token_id]
-        for start in range(0, len(ids), max_length):
-            window = ids[start:start + max_length]
-            if len(window) > 1:  # one token predicts nothing
-                examples.append(Example(window, list(window)))
-    return examples
-
-
-def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfig,
-           max_length: int, task: Task | None = None) -> list[Example]:
-    """Tokenize records the way this model kind trains on this task."""
-    if config.kind == "encoder":
-        return encode_encoder(records, tokenizer, max_length)
-    if task is not None and task.kind.training == "text":
-        return encode_corpus(records, tokenizer, max_length)
-    return encode_causal(records, tokenizer, max_length, config.chat_template)
 
 
 # ---------------------------------------------------------------- batching
@@ -120,24 +64,6 @@ def epoch_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int
     if group_by_length:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
-
-
-def collate(examples: Sequence[Example], pad_id: int, device: torch.device,
-            ) -> dict[str, torch.Tensor]:
-    """Pad a batch on the right to its longest example (dynamic padding)."""
-    width = max(e.tokens for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    causal = isinstance(examples[0].labels, list)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long) if causal \
-        else torch.tensor([e.labels for e in examples], dtype=torch.long)
-    for row, example in enumerate(examples):
-        ids[row, : example.tokens] = torch.tensor(example.input_ids)
-        mask[row, : example.tokens] = 1
-        if causal:
-            labels[row, : example.tokens] = torch.tensor(example.labels)
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-            "labels": labels.to(device)}
 
 
 # ---------------------------------------------------------------- loss and evaluation
@@ -214,21 +140,6 @@ def _selects_logits(model: Any) -> bool:
 
 
 @torch.no_grad()
-def classify(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
-             device: torch.device) -> list[int]:
-    """Class index predicted by a classification head for each example, in input order."""
-    model.eval()
-    predicted: dict[int, int] = {}
-    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collate([examples[i] for i in chunk], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted.update(zip(chunk, logits.argmax(-1).tolist()))
-    return [predicted[i] for i in range(len(examples))]
-
-
-@torch.no_grad()
 def evaluate_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
                   device: torch.device) -> dict[str, float]:
     """Mean validation loss; for classifiers also accuracy and weighted F1 of the head."""
@@ -275,35 +186,32 @@ class Progress:
     stopped_early: bool = False
 
 
-def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Path,
+def train(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
           out_dir: str | Path, checkpoint_root: str | Path = ".checkpoints",
           on_step: Callable[[int], None] | None = None,
-          plots_dir: str | Path | None = None, micro_batch_divisor: int = 1) -> dict[str, Any]:
+          plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Train one run and write its adapter (or weights) and records into `out_dir`.
 
     Checkpoints go to `checkpoint_root/<run>-<fingerprint>`, keyed by the content of the
     config and data, so a rerun of the same run resumes and a changed one starts afresh.
     `on_step(step)` is called after every optimizer step (tests use it to interrupt a run).
     `plots_dir` receives train_loss.csv and valid_loss.csv for `dvc plots`.
-    `micro_batch_divisor` splits each micro-batch in that many (the same effective batch in
-    more accumulation steps): how an out-of-memory run is retried.
+    Each optimizer step is also an `events` progress event, for the orchestrator.
     """
-    spec = params.train.runs[run]
-    hyper = split_micro_batch(params.train.hyper(run), micro_batch_divisor)
-    config, task = params.models[spec.model], task_from_config(spec.task,
-                                                                params.tasks[spec.task])
+    hyper, config, task = run.hyper, run.model, run.task
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
     check_writable(out_dir)  # before the training that would fill it
     if config.kind in BASELINE_KINDS:
-        return baselines.train_baseline(run, params, prepared_dir, out_dir, plots_dir)
-    if spec.zero_shot:
-        metrics = _zero_shot(run, params, prepared_dir, base_dir, out_dir)
+        return baselines.train_baseline(run, prepared_dir, out_dir, plots_dir)
+    if run.entry.zero_shot:
+        metrics = _zero_shot(run, prepared_dir, base_dir, out_dir)
         write_loss_plots(plots_dir, [], [])
         return metrics
     device = device_for(config)
+    reset_peak_memory(device)  # this run's peak, loading included
     rank, world = data_parallel(device)
-    fingerprint = _fingerprint(params, run, hyper, prepared_dir, base_dir, world)
-    checkpoint_dir = Path(checkpoint_root) / f"{run}-{fingerprint[:12]}"
+    fingerprint = _fingerprint(run, hyper, prepared_dir, base_dir, world)
+    checkpoint_dir = Path(checkpoint_root) / f"{run.name}-{fingerprint[:12]}"
     _seed_everything(hyper.seed)
     ref = read_base_ref(base_dir)
     tokenizer = load_tokenizer(ref)
@@ -311,9 +219,6 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
-    if task.kind == "corpus" and config.kind != "causal":
-        raise ModelError(f"run '{run}': continual pre-training on corpus '{spec.task}' needs a "
-                         f"causal LM, not a '{config.kind}' model")
     train_set, valid_set = (encode(training_records(prepared_dir / f"{split}.jsonl", task),
                                    tokenizer, config, hyper.max_length, task)
                             for split in ("train", "valid"))
@@ -323,9 +228,13 @@ def train(run: str, params: Params, prepared_dir: str | Path, base_dir: str | Pa
     loop.run(progress, checkpoint_dir, on_step)
     if rank != 0:  # data parallel: every process holds the same weights; the first writes
         _finish(world)
-        return {"run": run, "rank": rank, "steps": progress.step}
-    metrics = _save(run, params, hyper, model, tokenizer, loop, progress, out_dir, ref,
-                    base_dir, fingerprint, prepared_dir, checkpoint_dir)
+        return {"run": run.name, "rank": rank, "steps": progress.step}
+    record = run_record(run, prepared_dir) | {
+        "hyper": hyper.model_dump(mode="json"), "quantization": resolved_quantization(config),
+        "base": base_identity(ref, base_dir), "fingerprint": fingerprint,
+        "packages": package_versions()}
+    metrics = _save(run, loop, progress, tokenizer, out_dir, record)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
     write_loss_plots(plots_dir, loop.history, loop.valid_history)
     _finish(world)
     return metrics
@@ -340,27 +249,21 @@ def _finish(world: int) -> None:
         dist.destroy_process_group()
 
 
-
-
-def _zero_shot(run: str, params: Params, prepared_dir: Path, base_dir: Path,
+def _zero_shot(run: RunInputs, prepared_dir: Path, base_dir: Path,
                out_dir: str | Path) -> dict[str, Any]:
     """A zero-shot run trains nothing: it records its base and keeps its tokenizer."""
-    spec = params.train.runs[run]
     ref = read_base_ref(base_dir)
-    metrics = {"run": run, "model": spec.model, "task": spec.task, "steps": 0, "wall_s": 0.0,
-               "peak_memory_bytes": None, "tokens_per_s": None, "best_valid": None,
-               "zero_shot": True}
+    metrics = {"run": run.name, "model": run.entry.model, "task": run.entry.task, "steps": 0,
+               "wall_s": 0.0, "peak_memory_bytes": None, "tokens_per_s": None,
+               "best_valid": None, "zero_shot": True}
     with atomic_dir(out_dir) as scratch:
         load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", run_record(params, run, prepared_dir) | {
-            "quantization": resolved_quantization(params.models[spec.model]),
+        write_json(scratch / "train_config.json", run_record(run, prepared_dir) | {
+            "quantization": resolved_quantization(run.model),
             "base": base_identity(ref, base_dir), "packages": package_versions()})
-    log.info("zero-shot %s: nothing to train; %s answers as it is", run, spec.model)
+    log.info("zero-shot %s: nothing to train; %s answers as it is", run.name, run.entry.model)
     return metrics
-
-
-
 
 
 def _seed_everything(seed: int) -> None:
@@ -369,25 +272,13 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def split_micro_batch(hyper: Hyper, divisor: int) -> Hyper:
-    """The same effective batch in `divisor` times smaller micro-batches."""
-    if divisor == 1:
-        return hyper
-    if hyper.micro_batch_size % divisor:
-        raise ModelError(f"cannot split micro-batches of {hyper.micro_batch_size} examples in "
-                         f"{divisor}: lower train micro_batch_size in params")
-    return hyper.model_copy(update={"micro_batch_size": hyper.micro_batch_size // divisor,
-                                    "grad_accum": hyper.grad_accum * divisor})
-
-
-def _fingerprint(params: Params, run: str, hyper: Hyper, prepared_dir: Path,
-                 base_dir: Path, world: int = 1) -> str:
+def _fingerprint(run: RunInputs, hyper: Hyper, prepared_dir: Path, base_dir: Path,
+                 world: int = 1) -> str:
     """Content hash of everything that shapes a run: its config, data and base."""
-    spec = params.train.runs[run]
     digest = hashlib.sha256()
     digest.update(json.dumps({"hyper": hyper.model_dump(), "processes": world,
-                              "model": params.models[spec.model].model_dump(mode="json"),
-                              "task": params.tasks[spec.task].model_dump(mode="json")},
+                              "model": run.model.model_dump(mode="json"),
+                              "task": run.task_config.model_dump(mode="json")},
                              sort_keys=True).encode())
     for path in sorted(prepared_dir.glob("*.jsonl")) + sorted(p for p in base_dir.rglob("*")
                                                               if p.is_file()):
@@ -487,6 +378,8 @@ class _Loop:
                              "train_loss": round(loss, 6), "lr": lr})
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
+        if self.rank == 0:
+            emit("progress", step=progress.step, total=self.total_steps)
         if progress.step % self.hyper.log_every == 0 or progress.step == self.total_steps:
             eta = progress.elapsed / progress.step * (self.total_steps - progress.step)
             log.info("step %d/%d epoch %.2f loss %.4f lr %.2e eta %s", progress.step,
@@ -602,41 +495,36 @@ def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay)
 
 
-def _save(run: str, params: Params, hyper: Hyper, model: Any, tokenizer: Any, loop: _Loop,
-          progress: Progress, out_dir: str | Path, ref: Any, base_dir: Path,
-          fingerprint: str, prepared_dir: Path, checkpoint_dir: Path) -> dict[str, Any]:
-    """Write weights, tokenizer, config, history and metrics; then drop the checkpoints."""
-    spec = params.train.runs[run]
-    config = params.models[spec.model]
-    if hyper.select_best and loop.best_state is not None:
+def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
+          out_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
+    """Write weights (the best step's when `select_best`), tokenizer, the run's record
+    (train_config.json, with the weights' hashes), history and metrics."""
+    model = loop.model
+    if loop.hyper.select_best and loop.best_state is not None:
         parameters = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in loop.best_state.items():
                 parameters[name].copy_(value)
     metrics = {
-        "run": run, "model": spec.model, "task": spec.task, "steps": progress.step,
-        "stopped_early": progress.stopped_early, "best_step": progress.best_step,
-        "best_valid": progress.best_value, "train_examples": len(loop.train_set),
-        "train_tokens": progress.tokens, "wall_s": round(progress.elapsed, 3),
+        "run": run.name, "model": run.entry.model, "task": run.entry.task,
+        "steps": progress.step, "stopped_early": progress.stopped_early,
+        "best_step": progress.best_step, "best_valid": progress.best_value,
+        "train_examples": len(loop.train_set), "train_tokens": progress.tokens,
+        "wall_s": round(progress.elapsed, 3),
         "tokens_per_s": round(progress.tokens / max(progress.elapsed, 1e-9), 2),
         "examples_per_s": round(progress.examples / max(progress.elapsed, 1e-9), 3),
         "peak_memory_bytes": peak_memory_bytes(loop.device),
         "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
     }
-    weights = "adapter" if config.lora else "model"
+    weights = "adapter" if run.model.lora else "model"
     with atomic_dir(out_dir) as scratch:
         model.save_pretrained(scratch / weights, safe_serialization=True)
         tokenizer.save_pretrained(scratch / "tokenizer")
         for name, rows in (("history.csv", loop.history), ("valid.csv", loop.valid_history)):
             write_csv(scratch / name, rows, list(rows[0]) if rows else ["step"])
         write_json(scratch / "metrics.json", metrics)
-        write_json(scratch / "train_config.json", run_record(params, run, prepared_dir) | {
-            "hyper": hyper.model_dump(mode="json"),
-            "quantization": resolved_quantization(config),
-            "base": base_identity(ref, base_dir),
-            "fingerprint": fingerprint, "packages": package_versions(),
+        write_json(scratch / "train_config.json", record | {
             WEIGHTS_KEY: {weights: weight_hashes(scratch / weights)}})
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    log.info("trained %s: %d steps, %.1f tokens/s, peak memory %.0f MiB -> %s", run,
+    log.info("trained %s: %d steps, %.1f tokens/s, peak memory %.0f MiB -> %s", run.name,
              progress.step, metrics["tokens_per_s"], metrics["peak_memory_bytes"] / 2**20, out_dir)
     return metrics

@@ -18,6 +18,7 @@ from pathlib import Path
 from prefect.schedules import Cron
 
 from fin_tasks.config import load_params
+from fin_tasks.schedule import schedule_config
 from flows.pipeline import ROOT, pipeline, stage
 
 POOLS = {"cpu": "the pipeline flow and CPU stages", "gpu": "trainings of `gpu: true` models"}
@@ -35,7 +36,7 @@ def ensure_pools() -> None:
 
 def deploy(params_path: Path) -> None:
     """Register both deployments (idempotent: a rerun updates them)."""
-    schedule = load_params(params_path).schedule
+    schedule = schedule_config(load_params(params_path), str(params_path))
     ensure_pools()
     pipeline.from_source(source=str(ROOT), entrypoint="flows/pipeline.py:pipeline").deploy(
         name="nightly", work_pool_name="cpu", tags=["fin-tasks"],

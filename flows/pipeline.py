@@ -25,12 +25,15 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact,
                                create_table_artifact, update_progress_artifact)
+from prefect.futures import PrefectFuture
 from prefect.states import Failed
+from prefect.utilities.annotations import allow_failure
 
-from fin_tasks.config import load_params, parse_params
+from fin_tasks.config import load_params
 from fin_tasks.layout import Layout
+from fin_tasks.schedule import schedule_config
 from flows.stages import (Stage, StageFailed, adopt_lock_entry, changed_stages, dvc,
-                          progress_of, run_stage, stage_graph, up_to_date, with_upstream)
+                          run_stage, stage_graph, up_to_date, update_params, with_upstream)
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU_DEPLOYMENT = "fin-tasks-stage/gpu"
@@ -76,37 +79,63 @@ def transfer(verb: str, targets: list[str], workdir: str) -> None:
     dvc([verb, *targets], workdir)
 
 
+def _blocked(upstream: dict[str, Any] | None) -> str | None:
+    """The first upstream stage that did not complete: its future failed (Prefect hands a
+    failed input over as its exception, through `allow_failure`) or it was skipped."""
+    return next((name for name, outcome in (upstream or {}).items()
+                 if not isinstance(outcome, str) or outcome.startswith("skipped")), None)
+
+
+def _current(upstream: dict[str, Any] | None, changed: bool) -> bool:
+    """Whether DVC is known to find a stage up to date: it was clean at the start of the run
+    and nothing upstream of it ran since."""
+    return not changed and all(outcome == "up-to-date" for outcome in (upstream or {}).values())
+
+
 @task(task_run_name="{stage.name}")
-def run_here(stage: Stage, workdir: str, known_current: bool = False) -> str:
-    """Run one stage in this workspace (fin_tasks through its CLI, as dvc.yaml says)."""
+def run_here(stage: Stage, workdir: str, upstream: dict[str, Any] | None = None,
+             changed: bool = True) -> str:
+    """Run one stage in this workspace (fin_tasks through its CLI, as dvc.yaml says), once
+    the `upstream` stages' futures have resolved; skipped if one of them did not complete.
+    `changed`: DVC found the stage out of date at the start of the run."""
+    blocked = _blocked(upstream)
+    if blocked:
+        return f"skipped: {blocked} did not complete"
     logger = get_run_logger()
+    known_current = _current(upstream, changed)
     progress = None
     if stage.group == "train" and not known_current:
         progress = create_progress_artifact(progress=0.0, key=f"progress-{slug(stage.name)}",
                                             description=f"{stage.name} on {machine()}")
 
-    def on_line(line: str) -> None:
-        logger.info(line)
-        percent = progress_of(line) if progress else None
-        if percent is not None:
-            update_progress_artifact(progress, percent)
+    updated = [0.0]  # when the artifact last changed: one API call a second at most
 
-    status = run_stage(stage, workdir, on_line, known_current=known_current)
+    def on_event(event: dict[str, Any]) -> None:
+        if progress and event["event"] == "progress" and time.monotonic() - updated[0] >= 1:
+            update_progress_artifact(progress, 100.0 * event["step"] / event["total"])
+            updated[0] = time.monotonic()
+
+    status = run_stage(stage, workdir, logger.info, known_current=known_current,
+                       on_event=on_event)
     if progress:
         update_progress_artifact(progress, 100.0)
     return status
 
 
 @task(task_run_name="{stage_name} (gpu pool)")
-def run_on_gpu_pool(stage_name: str, upstream: list[str], workdir: str,
-                    deployment: str = GPU_DEPLOYMENT) -> str:
-    """Run one stage as a flow run on the GPU pool, through the DVC remote both ways."""
+def run_on_gpu_pool(stage_name: str, upstream: dict[str, Any], workdir: str,
+                    changed: bool = True, deployment: str = GPU_DEPLOYMENT) -> str:
+    """Run one stage as a flow run on the GPU pool, through the DVC remote both ways, once
+    the `upstream` stages' futures have resolved; skipped if one of them did not complete."""
     from prefect.deployments import run_deployment
 
-    if up_to_date(stage_name, workdir):
+    blocked = _blocked(upstream)
+    if blocked:
+        return f"skipped: {blocked} did not complete"
+    if _current(upstream, changed) or up_to_date(stage_name, workdir):
         return "up-to-date"
     if upstream:
-        transfer("push", upstream, workdir)
+        transfer("push", list(upstream), workdir)
     lock = (Path(workdir) / "dvc.lock").read_text(encoding="utf-8")
     params = (Path(workdir) / "params.yaml").read_text(encoding="utf-8")
     run = run_deployment(deployment, parameters={"stage_name": stage_name, "lock": lock,
@@ -169,8 +198,9 @@ def pipeline(workdir: str | None = None, models: list[str] | None = None,
     logger = get_run_logger()
     root = workspace(workdir)
     if overrides:
-        _apply_overrides(root / "params.yaml", overrides)
+        update_params(root / "params.yaml", overrides)
     params = load_params(root / "params.yaml")
+    schedule_config(params, str(root / "params.yaml"))  # a typo there fails now, not at deploy
     stages = select(stage_graph(root), params, models, tasks)
     logger.info("%d stages in %s: %s", len(stages), root, ", ".join(s.name for s in stages))
     outcome, failures = _schedule(stages, params, str(root), dispatch_gpu)
@@ -201,47 +231,43 @@ def select(stages: list[Stage], params: Any, models: list[str] | None,
 
 def _schedule(stages: list[Stage], params: Any, workdir: str,
               dispatch_gpu: bool) -> tuple[dict[str, str], dict[str, str]]:
-    """Submit each stage once its upstream succeeded; skip it when one failed."""
+    """Submit every stage at once, in graph order, each a Prefect task whose inputs are its
+    upstream stages' futures (`allow_failure`: a failed one reaches it as an exception, and
+    it skips itself); Prefect starts each as soon as its inputs resolve. A failed stage
+    does not stop the others."""
     logger = get_run_logger()
-    pending = {s.name: s for s in stages}
     changed = changed_stages(workdir)  # one DVC call; a stage clean now stays clean unless
-    running: dict[str, Any] = {}       # something upstream of it runs
+    futures: dict[str, PrefectFuture] = {}  # something upstream of it runs
+    for node in stages:
+        upstream = {u: allow_failure(futures[u]) for u in node.upstream if u in futures}
+        futures[node.name] = _submit(node, params, workdir, dispatch_gpu, upstream,
+                                     node.name in changed)
     outcome: dict[str, str] = {}
     failures: dict[str, str] = {}
-    while pending or running:
-        for name, node in list(pending.items()):
-            blocked = [u for u in node.upstream if outcome.get(u, "").startswith(("failed",
-                                                                                  "skipped"))]
-            if blocked:
-                outcome[name] = f"skipped: {blocked[0]} did not complete"
-                del pending[name]
-            elif all(u in outcome for u in node.upstream):
-                current = name not in changed and all(outcome[u] == "up-to-date"
-                                                       for u in node.upstream)
-                running[name] = _submit(node, params, workdir, dispatch_gpu, current)
-                del pending[name]
-        for name, future in list(running.items()):
-            if future.state.is_final():
-                del running[name]
-                try:
-                    outcome[name] = future.result()
-                except Exception as error:  # a failed stage must not stop the others
-                    reason = error.reason if isinstance(error, StageFailed) else str(error)
-                    outcome[name], failures[name] = f"failed: {reason}", reason
-                    logger.error("%s failed: %s", name, reason)
-        time.sleep(0.2)
+    for name, future in futures.items():
+        future.wait()
+        if future.state.is_pending():  # NotReady: an upstream crashed or was cancelled
+            outcome[name] = "skipped: an upstream stage did not complete"
+            continue
+        try:
+            outcome[name] = future.result()
+        except Exception as error:  # a failed stage must not stop the others
+            reason = error.reason if isinstance(error, StageFailed) else str(error)
+            outcome[name], failures[name] = f"failed: {reason}", reason
+            logger.error("%s failed: %s", name, reason)
     return outcome, failures
 
 
 def _submit(node: Stage, params: Any, workdir: str, dispatch_gpu: bool,
-            current: bool) -> Any:
-    if node.group == "train" and node.key in params.train.runs and not current:
+            upstream: dict[str, Any], changed: bool) -> PrefectFuture:
+    if node.group == "train" and node.key in params.train.runs:
         model = params.models[params.train.runs[node.key].model]
         if model.gpu and dispatch_gpu:
-            return run_on_gpu_pool.submit(node.name, list(node.upstream), workdir)
+            return run_on_gpu_pool.submit(node.name, upstream, workdir, changed)
         if model.gpu:
-            return run_here.with_options(tags=[gpu_tag()]).submit(node, workdir)
-    return run_here.submit(node, workdir, current)
+            return run_here.with_options(tags=[gpu_tag()]).submit(node, workdir, upstream,
+                                                                   changed)
+    return run_here.submit(node, workdir, upstream, changed)
 
 
 def _publish(params: Any, stages: list[Stage], outcome: dict[str, str], root: Path) -> None:
@@ -284,24 +310,6 @@ def _report_failures(params: Any, root: Path, failures: dict[str, str],
     build_report(params, layout.root, layout.report(), failed=failed)
     create_markdown_artifact(key="leaderboard", description="fin-tasks leaderboard (with failures)",
                              markdown=(layout.report() / "leaderboard.md").read_text())
-
-
-def _apply_overrides(path: Path, overrides: dict[str, Any]) -> None:
-    """Deep-merge `overrides` into params.yaml, validated before it is written."""
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-
-    def merge(into: dict, update: dict) -> dict:
-        for key, value in update.items():
-            into[key] = merge(dict(into.get(key) or {}), value) if isinstance(value, dict) \
-                else value
-        return into
-
-    merged = merge(raw, overrides)
-    parse_params(merged, source=f"{path} + overrides")
-    scratch = path.with_suffix(".yaml.tmp")
-    scratch.write_text(yaml.safe_dump(merged, sort_keys=False, allow_unicode=True),
-                       encoding="utf-8")
-    scratch.replace(path)
 
 
 if __name__ == "__main__":

@@ -13,21 +13,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from fin_tasks import events
 
 log = logging.getLogger(__name__)
 
-OOM_MARKERS = ("CUDA out of memory", "OutOfMemoryError", "DefaultCPUAllocator: can't allocate",
-               "MemoryError")
 _DVC_LOCK = threading.Lock()
+_PARAMS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -130,9 +133,18 @@ def commit(stage: str, workdir: str | Path) -> None:
 
 def adopt_lock_entry(stage: str, entry: dict, workdir: str | Path) -> None:
     """Record in this workspace's dvc.lock a stage that ran elsewhere (atomically, while no
-    DVC command of this process runs)."""
+    DVC command of this process runs), and the params it ran with: a worker's retry after
+    running out of memory changes them, and dvc.lock must agree with params.yaml."""
     import yaml
 
+    params = Path(workdir) / "params.yaml"
+    recorded = (entry.get("params") or {}).get("params.yaml") or {}
+    tree = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+    for key, value in recorded.items():  # dotted keys, e.g. train.runs.<run>
+        nested: Any = value
+        for part in reversed(_key_path(tree, key)):
+            nested = {part: nested}
+        update_params(params, nested)
     path = Path(workdir) / "dvc.lock"
     with _DVC_LOCK:
         lock = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None
@@ -152,6 +164,74 @@ def _env() -> dict[str, str]:
     return env
 
 
+# ---------------------------------------------------------------- params
+
+
+def _key_path(tree: Any, dotted: str) -> list[str]:
+    """The keys a DVC params path names in `tree`: the longest key that matches at each
+    level, since a name may itself hold dots (`models.qwen2.5-coder-0.5b`)."""
+    parts, path = dotted.split("."), []
+    while parts:
+        end = next((n for n in range(len(parts), 0, -1)
+                    if isinstance(tree, dict) and ".".join(parts[:n]) in tree), 1)
+        key = ".".join(parts[:end])
+        path.append(key)
+        tree, parts = (tree.get(key) if isinstance(tree, dict) else None), parts[end:]
+    return path
+
+
+def update_params(path: str | Path, overrides: dict[str, Any]) -> bool:
+    """Deep-merge `overrides` into a params file, validated before it is written, through
+    DVC's own YAML round trip (comments and layout stay) and atomically; False when nothing
+    changes (the file is then not touched)."""
+    from dvc.utils.serialize import modify_yaml
+
+    from fin_tasks.config import parse_params
+
+    path = Path(path)
+    with _PARAMS_LOCK:  # stages retried at once, or adopted at once, edit one file in turn
+        handle, name = tempfile.mkstemp(suffix=".yaml", dir=path.parent)
+        os.close(handle)
+        scratch = Path(name)
+        try:
+            shutil.copyfile(path, scratch)
+            with modify_yaml(scratch) as data:
+                changed = _merge(data, overrides)
+                parse_params(json.loads(json.dumps(data)), source=f"{path} + overrides")
+            if changed:
+                scratch.replace(path)
+            return changed
+        finally:
+            scratch.unlink(missing_ok=True)
+
+
+def _merge(into: Any, update: dict[str, Any]) -> bool:
+    """Merge `update` into the mapping `into` in place; whether anything changed."""
+    changed = False
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            changed |= _merge(into[key], value)
+        elif into.get(key) != value:
+            into[key], changed = value, True
+    return changed
+
+
+def halve_micro_batches(run: str, workdir: str | Path) -> str | None:
+    """Split a run's micro-batches in two and double its accumulation (the same effective
+    batch) as an override of `train.runs.<run>.hyper` in params.yaml, so that dvc.lock
+    records what ran; what was set, or None when they cannot be split."""
+    from fin_tasks.config import load_params
+
+    path = Path(workdir) / "params.yaml"
+    hyper = load_params(path).train.hyper(run)
+    if hyper.micro_batch_size < 2 or hyper.micro_batch_size % 2:
+        return None
+    update = {"micro_batch_size": hyper.micro_batch_size // 2, "grad_accum": hyper.grad_accum * 2}
+    update_params(path, {"train": {"runs": {run: {"hyper": update}}}})
+    return (f"params.yaml train.runs.{run}.hyper now sets micro_batch_size "
+            f"{update['micro_batch_size']} and grad_accum {update['grad_accum']}")
+
+
 # ---------------------------------------------------------------- running a stage
 
 
@@ -164,58 +244,57 @@ class StageFailed(RuntimeError):
 
 
 def run_command(stage: str, cmd: str, workdir: str | Path,
-                on_line: Callable[[str], None] = log.info) -> None:
-    """Run a stage's command, passing each output line to `on_line`; StageFailed on error."""
-    process = subprocess.Popen(shlex.split(cmd), cwd=workdir, env=_env(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1)
+                on_line: Callable[[str], None] = log.info,
+                on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
+    """Run a stage's command, passing each log line to `on_line` and each machine-readable
+    event (`fin_tasks.events`) to `on_event`; StageFailed on error, with `out_of_memory` set
+    from the command's exit status (or its death by SIGKILL, the kernel's OOM killer)."""
+    process = subprocess.Popen(shlex.split(cmd), cwd=workdir, env=_env() | {events.ENV: "1"},
+                               text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               bufsize=1)
     tail: list[str] = []
+    out_of_memory = False
     assert process.stdout is not None
     for line in process.stdout:
         line = line.rstrip()
-        if line:
+        event = events.parse(line)
+        if event is not None:
+            # data-parallel children say it here: their launcher exits 1, not 3
+            out_of_memory |= event["event"] == "out_of_memory"
+            if on_event is not None:
+                on_event(event)
+        elif line:
             on_line(line)
             tail = (tail + [line])[-40:]
     code = process.wait()
     if code:
-        text = "\n".join(tail)
         reason = next((t for t in reversed(tail) if "error" in t.lower()), tail[-1] if tail
                       else "no output")
         raise StageFailed(stage, code, reason.strip(),
-                          code in (-9, 137) or any(m in text for m in OOM_MARKERS))
+                          out_of_memory or code in (events.EXIT_OUT_OF_MEMORY, -9, 137))
 
 
 def run_stage(stage: Stage, workdir: str | Path, on_line: Callable[[str], None] = log.info,
-              oom_retries: int = 2, known_current: bool = False) -> str:
+              oom_retries: int = 2, known_current: bool = False,
+              on_event: Callable[[dict[str, Any]], None] | None = None) -> str:
     """Run one stage unless DVC finds it up to date, then commit it: "up-to-date" or "ran".
     `known_current`: the caller already knows DVC finds it up to date (it was clean at the
     start and nothing upstream ran), which spares a DVC call.
 
     A training that runs out of memory is retried with micro-batches split in two (then
-    four...), the same effective batch accumulated over more steps."""
+    four...), the same effective batch accumulated over more steps, set in params.yaml."""
     if known_current or up_to_date(stage.name, workdir):
         on_line(f"{stage.name}: up to date (dvc.lock matches), not run")
         return "up-to-date"
-    divisor = 1
-    while True:
-        cmd = stage.cmd + (f" --micro-batch-divisor {divisor}" if divisor > 1 else "")
+    for attempt in range(oom_retries + 1):
         try:
-            run_command(stage.name, cmd, workdir, on_line)
+            run_command(stage.name, stage.cmd, workdir, on_line, on_event)
             break
         except StageFailed as failure:
-            retry = failure.out_of_memory and stage.group == "train"
-            if not retry or divisor >= 2 ** oom_retries:
+            retry = failure.out_of_memory and stage.group == "train" and attempt < oom_retries
+            change = halve_micro_batches(stage.key, workdir) if retry else None
+            if change is None:
                 raise
-            divisor *= 2
-            on_line(f"{stage.name}: out of memory; retrying with micro-batches split "
-                    f"{divisor} ways (same effective batch)")
+            on_line(f"{stage.name}: out of memory; {change} (same effective batch), retrying")
     commit(stage.name, workdir)
     return "ran"
-
-
-STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
-
-
-def progress_of(line: str) -> float | None:
-    """Training progress in percent from a `train` log line ("step 5/20 ..."), else None."""
-    match = STEP.search(line)
-    return 100.0 * int(match.group(1)) / int(match.group(2)) if match else None

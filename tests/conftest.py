@@ -113,7 +113,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("finarg_ecc", "sentiment"):
         prepare_task(name, params.tasks[name], params.prepare, root / "prepare" / name)
     for name in ("tiny", "minilm"):
-        build_base(name, params, root / "prepare", root / "base" / name)
+        build_base(name, params.models[name], root / "prepare", root / "base" / name)
     return root
 
 

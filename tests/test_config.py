@@ -162,6 +162,33 @@ def test_each_stage_names_exactly_the_library_modules_it_imports(stage: str) -> 
                             f"list {sorted(deps - needed)} that it never imports")
 
 
+def test_no_stage_depends_on_the_schedule_section_or_its_module() -> None:
+    """Only the flows read `schedule`: editing it, or ScheduleConfig's module, reruns no stage
+    (a stage's code deps are its import closure, checked above)."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in _expanded_stages(raw):
+        assert "fin_tasks/schedule.py" not in stage.get("deps", []), name
+        assert not any(key.split(".")[0] == "schedule" for key in stage.get("params", [])), name
+    for stage in _dvc_stages():
+        module = {"predict_merge": "predict", "evaluate_merge": "evaluate"}.get(stage, stage)
+        closure = _imported_modules(ROOT / f"fin_tasks/{module}.py")
+        closure |= _imported_modules(ROOT / "fin_tasks/cli.py")
+        assert ROOT / "fin_tasks/schedule.py" not in closure, stage
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_the_schedule_section_is_validated_where_it_is_read(path: Path) -> None:
+    from fin_tasks.schedule import schedule_config
+
+    assert schedule_config(load_params(path)).cron
+    raw = yaml.safe_load(path.read_text())
+    raw["schedule"] = (raw.get("schedule") or {}) | {"crn": "0 3 * * *"}
+    params = parse_params(raw)  # a stage does not read it ...
+    with pytest.raises(ConfigError, match=r"unknown key 'schedule\.crn'; allowed keys here: "
+                                          r"cron, dispatch_gpu, push, timezone"):
+        schedule_config(params)  # ... the flows do
+
+
 def test_a_params_key_given_twice_is_refused(tmp_path: Path) -> None:
     text = (ROOT / "params.yaml").read_text()
     path = tmp_path / "params.yaml"

@@ -71,31 +71,68 @@ def test_stage_graph_is_read_from_dvc_yaml() -> None:
 
 
 def test_an_out_of_memory_training_is_retried_with_smaller_micro_batches(tmp_path: Path) -> None:
+    """The stage says it ran out of memory by its exit status; the retry halves its
+    micro-batches in params.yaml (comments kept), so dvc.lock records what ran."""
     root = tmp_path / "repo"
     root.mkdir()
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     _dvc(["init", "-q"], root)
     (root / "fake_train.py").write_text(
-        "import sys\n"
-        "if '--micro-batch-divisor' not in sys.argv:\n"
-        "    sys.exit('torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB')\n"
-        "open('out.txt', 'w').write(' '.join(sys.argv[1:]))\n")
-    (root / "params.yaml").write_text("runs: {x: {}}\n")
+        "import sys, yaml\n"
+        "from fin_tasks import events\n"
+        "hyper = yaml.safe_load(open('params.yaml'))['train']['runs'][sys.argv[2]].get('hyper')\n"
+        "events.emit('progress', step=1, total=2)\n"
+        "print('loading the model')\n"
+        "if (hyper or {}).get('micro_batch_size') != 2:  # fits in micro-batches of 2\n"
+        "    sys.exit(events.EXIT_OUT_OF_MEMORY)\n"
+        "open('out.txt', 'w').write(repr(hyper))\n")
+    params = json.loads(json.dumps(FLOW_PARAMS))
+    params["train"]["defaults"] |= {"micro_batch_size": 8, "grad_accum": 1}
+    params["train"]["runs"] = {"x": {"model": "majority", "task": "finarg_ecc"}}
+    (root / "params.yaml").write_text("# the user's own comment\n"
+                                      + yaml.safe_dump(params, sort_keys=False))
     (root / "dvc.yaml").write_text(
-        "stages:\n  train:\n    foreach: ${runs}\n    do:\n"
+        "stages:\n  train:\n    foreach: ${train.runs}\n    do:\n"
         f"      cmd: {sys.executable} fake_train.py --run ${{key}}\n"
-        "      deps: [fake_train.py]\n      outs: [out.txt]\n")
+        "      deps: [fake_train.py]\n      params:\n        - train.runs.${key}\n"
+        "      outs: [out.txt]\n")
     lines: list[str] = []
+    seen: list[dict] = []
     node = next(s for s in stage_graph(root) if s.name == "train@x")
-    assert run_stage(node, root, lines.append) == "ran"
-    assert (root / "out.txt").read_text() == "--run x --micro-batch-divisor 2"
-    assert any("out of memory; retrying" in line for line in lines)
+    assert run_stage(node, root, lines.append, on_event=seen.append) == "ran"
+    assert (root / "out.txt").read_text() == "{'micro_batch_size': 2, 'grad_accum': 4}"
+    assert sum("out of memory; params.yaml train.runs.x.hyper now sets" in line
+               for line in lines) == 2
+    assert seen == [{"event": "progress", "step": 1, "total": 2}] * 3
+    assert "loading the model" in lines and not any("fin-tasks-event" in line for line in lines)
+    assert (root / "params.yaml").read_text().startswith("# the user's own comment\n")
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["train@x"]
+    assert lock["params"]["params.yaml"]["train.runs.x"]["hyper"] == {
+        "micro_batch_size": 2, "grad_accum": 4}
     assert up_to_date("train@x", root)  # committed to dvc.lock like a repro
     assert run_stage(node, root, lines.append) == "up-to-date"
     with pytest.raises(StageFailed) as failure:  # other failures are not retried
         run_command("train@y", f"{sys.executable} -c \"raise SystemExit('error: bad config')\"",
                     root, lines.append)
     assert failure.value.reason == "error: bad config" and not failure.value.out_of_memory
+
+
+def test_a_stage_out_of_memory_exits_with_its_own_status(monkeypatch, capsys) -> None:
+    from fin_tasks import cli, events
+
+    def report(args) -> None:
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 274877906944 bytes")
+
+    monkeypatch.setattr(cli, "_report", report)
+    monkeypatch.setenv(events.ENV, "1")
+    assert cli.main(["report"]) == events.EXIT_OUT_OF_MEMORY
+    out = capsys.readouterr()
+    assert events.parse(out.out.splitlines()[-1])["event"] == "out_of_memory"
+    assert "fin-tasks report: error: out of memory" in out.err
+    monkeypatch.setattr(cli, "_report", lambda args: 1 / 0)  # anything else is a bug: raised
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["report"])
 
 
 def test_flow_then_repro_then_flow_recompute_nothing(prefect_harness, tmp_path: Path) -> None:

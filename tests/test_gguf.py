@@ -64,7 +64,7 @@ def test_a_wrong_hash_is_refused_and_nothing_is_written(packages, tmp_path) -> N
     params = _params_with(wrong)
     out = tmp_path / "outputs" / "base" / "real"
     with pytest.raises(ModelError, match=r"sha256 [0-9a-f]{64} does not match the pinned"):
-        build_base("real", params, tmp_path, out)
+        build_base("real", params.models["real"], tmp_path, out)
     assert not out.exists() and list(out.parent.iterdir()) == []  # no scratch left either
 
 
@@ -74,7 +74,7 @@ def test_a_missing_part_names_the_package_and_the_fix(packages, tmp_path) -> Non
                           .model_dump(mode="json"))
     out = tmp_path / "outputs" / "base" / "real"
     with pytest.raises(ModelError, match=r"weights_part9.*not installed.*scripts/setup\.sh"):
-        build_base("real", params, tmp_path, out)
+        build_base("real", params.models["real"], tmp_path, out)
     assert not out.parent.exists() or list(out.parent.iterdir()) == []
     with pytest.raises(ModelError, match=r"part9\.bin does not exist"):
         locate_part("weights_part0:data/part9.bin")
@@ -94,7 +94,7 @@ def test_gguf_params_are_checked() -> None:
 def test_smollm2_converts_into_a_plain_folder_with_its_chat_template(tmp_path) -> None:
     from fin_tasks.models import read_base_ref
 
-    info = build_base("real", _params_with(SMOLLM2), tmp_path, tmp_path / "base")
+    info = build_base("real", _params_with(SMOLLM2).models["real"], tmp_path, tmp_path / "base")
     assert info["converted"]["architecture"] == "LlamaForCausalLM"
     assert info["converted"]["chat_template"] and info["license"] == "Apache-2.0"
     folder = Path(read_base_ref(tmp_path / "base").name_or_path)

@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.gpu,
 
 def test_qlora_trains_on_the_gpu_and_leaves_the_base_frozen(workspace, tmp_path) -> None:
     from fin_tasks.config import parse_params
+    from fin_tasks.runs import resolve_run
     from fin_tasks.train import train
 
     from conftest import make_params
@@ -25,7 +26,7 @@ def test_qlora_trains_on_the_gpu_and_leaves_the_base_frozen(workspace, tmp_path)
     raw["models"]["tiny"] |= {"gpu": True}
     raw["models"]["tiny"]["quantization"]["compute_dtype"] = "bfloat16"
     params = parse_params(raw)
-    metrics = train("tiny-t1", params, workspace / "prepare" / "finarg_ecc",
+    metrics = train(resolve_run(params, "tiny-t1"), workspace / "prepare" / "finarg_ecc",
                     workspace / "base" / "tiny", tmp_path / "out", checkpoint_root=tmp_path / "c")
     assert metrics["steps"] == params.train.hyper("tiny-t1").max_steps
     assert metrics["peak_memory_bytes"] > 0  # CUDA allocator figure, not the process RSS

@@ -18,8 +18,10 @@ from fin_tasks.config import CorpusConfig, QuestionsConfig, parse_params
 from fin_tasks.corpus import build_corpus, chunk, clean
 from fin_tasks.errors import ConfigError, DataError, ModelError
 from fin_tasks.questions import LETTERS, build_questions, number_distractors, questions_schema
+from fin_tasks.runs import resolve_merge, resolve_run
 from fin_tasks.tasks import task_from_config
-from fin_tasks.train import encode_corpus, train
+from fin_tasks.encoding import encode_corpus
+from fin_tasks.train import train
 
 from conftest import ROOT, make_params, write_jsonl
 
@@ -175,6 +177,16 @@ def test_corpus_encoding_learns_every_token_in_windows(workspace) -> None:
     assert all(e.labels == e.input_ids and e.tokens <= 32 for e in examples)
 
 
+def test_continual_pre_training_of_an_encoder_is_a_config_error() -> None:
+    base = make_params().model_dump(mode="json")
+    base["tasks"]["c"] = {"type": "corpus", "data": "x", "splits": {"train": "c.jsonl"}}
+    base["train"]["runs"]["minilm-c"] = {"model": "minilm", "task": "c"}
+    with pytest.raises(ConfigError, match="minilm-c: continual pre-training .* not an encoder"):
+        parse_params(base)
+    base["train"]["runs"]["minilm-c"]["model"] = "tiny"
+    parse_params(base)
+
+
 def test_perplexity_is_the_exponent_of_the_mean_token_loss() -> None:
     task = task_from_config("c", parse_params({"tasks": {"c": {
         "type": "corpus", "data": "x", "splits": {"train": "c.jsonl"}}}}).tasks["c"])
@@ -205,7 +217,7 @@ def trained_pair(workspace, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("pair")
     params = _numllm_params()
     for run, task in (("tiny-t1", "finarg_ecc"), ("tiny-s", "sentiment")):
-        train(run, params, workspace / "prepare" / task, workspace / "base" / "tiny",
+        train(resolve_run(params, run), workspace / "prepare" / task, workspace / "base" / "tiny",
               root / "train" / run, checkpoint_root=root / "ckpt")
     return root
 
@@ -213,7 +225,7 @@ def trained_pair(workspace, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _merge(params, workspace: Path, root: Path, out: Path) -> dict:
     from fin_tasks.merge import merge_adapters
 
-    return merge_adapters("m", params, workspace / "base" / "tiny", root / "train",
+    return merge_adapters(resolve_merge(params, "m"), workspace / "base" / "tiny", root / "train",
                           workspace / "prepare" / "finarg_ecc", out)
 
 
@@ -300,10 +312,10 @@ def test_merging_adapters_of_different_bases_is_refused(workspace, trained_pair,
     from fin_tasks.base import build_base
 
     other = make_params({"tiny": {"tokenizer_tasks": ["finarg_ecc"], "seed": 7}})
-    build_base("tiny", other, workspace / "prepare", tmp_path / "other-base")
+    build_base("tiny", other.models["tiny"], workspace / "prepare", tmp_path / "other-base")
     params = _numllm_params()
-    train("tiny-s", params, workspace / "prepare" / "sentiment", tmp_path / "other-base",
-          tmp_path / "train" / "tiny-s", checkpoint_root=tmp_path / "ckpt")
+    train(resolve_run(params, "tiny-s"), workspace / "prepare" / "sentiment",
+          tmp_path / "other-base", tmp_path / "train" / "tiny-s", checkpoint_root=tmp_path / "ckpt")
     (tmp_path / "train" / "tiny-t1").symlink_to(trained_pair / "train" / "tiny-t1")
     with pytest.raises(ModelError, match="'tiny-s' was trained on base .*different bases"):
         _merge(params, workspace, tmp_path, tmp_path / "merged")

@@ -15,6 +15,7 @@ from fin_tasks.metrics import MISSING
 from fin_tasks.models import load_base, load_tokenizer, read_base_ref
 from fin_tasks.predict import (_batches, _left_padded, _shared_prompt_prefix, generate,
                                predict_run, score_choices)
+from fin_tasks.runs import resolve_run
 from fin_tasks.train import train
 
 from conftest import make_params
@@ -109,7 +110,7 @@ def test_lead_baseline() -> None:
 def trained(workspace: Path, tmp_path_factory) -> tuple[Path, object]:
     params = make_params(hyper={"max_steps": 4})
     out = tmp_path_factory.mktemp("trained")
-    train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
+    train(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc", workspace / "base/tiny",
           out / "tiny-t1", checkpoint_root=out / "ck")
     return out, params
 
@@ -124,7 +125,7 @@ def test_predict_and_evaluate_a_qlora_run(workspace, trained, tmp_path, mode) ->
     from fin_tasks.config import parse_params
 
     params = parse_params(raw)
-    info = predict_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
+    info = predict_run(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
                        workspace / "base/tiny", out / "tiny-t1", tmp_path / "predict")
     assert info["mode"] == mode and set(info["variants"]) == {"base", "adapter", "merged"}
     test_ids = [r["id"] for r in read_jsonl(workspace / "prepare/finarg_ecc/test.jsonl")]
@@ -139,7 +140,7 @@ def test_predict_and_evaluate_a_qlora_run(workspace, trained, tmp_path, mode) ->
     if mode == "score":
         for a, m in zip(adapter, merged):
             assert a["scores"] == pytest.approx(m["scores"], abs=1e-4)
-    result = evaluate_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
+    result = evaluate_run(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
                           tmp_path / "predict", tmp_path / "evaluate")
     metrics = json.loads((tmp_path / "evaluate/evaluation.json").read_text())
     assert metrics == json.loads(json.dumps(result))
@@ -184,10 +185,10 @@ def test_a_zero_shot_run_predicts_with_its_base_only(workspace, tmp_path) -> Non
     raw["predict"] = {"variants": ["base", "adapter"], "base_splits": ["valid"],
                       "batch_size": 4}
     params = parse_params(raw)
-    metrics = train("tiny-zero", params, workspace / "prepare/finarg_ecc",
+    metrics = train(resolve_run(params, "tiny-zero"), workspace / "prepare/finarg_ecc",
                     workspace / "base/tiny", tmp_path / "train", checkpoint_root=tmp_path / "ck")
     assert metrics["steps"] == 0 and not (tmp_path / "train" / "adapter").exists()
-    info = predict_run("tiny-zero", params, workspace / "prepare/finarg_ecc",
+    info = predict_run(resolve_run(params, "tiny-zero"), workspace / "prepare/finarg_ecc",
                        workspace / "base/tiny", tmp_path / "train", tmp_path / "predict")
     # the base is the only variant, so it predicts every split (base_splits is for comparisons)
     assert set(info["variants"]) == {"base"} and set(info["variants"]["base"]) == {"valid", "test"}
@@ -205,13 +206,13 @@ def test_base_splits_and_a_runs_predict_splits_limit_what_is_predicted(
     raw = params.model_dump(mode="json")
     raw["predict"] = {"variants": ["base", "adapter"], "splits": ["valid", "test"],
                       "base_splits": ["valid"], "batch_size": 4, "mode": "score"}
-    info = predict_run("tiny-t1", parse_params(raw), workspace / "prepare/finarg_ecc",
+    info = predict_run(resolve_run(parse_params(raw), "tiny-t1"), workspace / "prepare/finarg_ecc",
                        workspace / "base/tiny", out / "tiny-t1", tmp_path / "predict")
     assert set(info["variants"]["base"]) == {"valid"}
     assert set(info["variants"]["adapter"]) == {"valid", "test"}
     assert not (tmp_path / "predict/base/test.jsonl").exists()
     raw["train"]["runs"]["tiny-t1"]["predict_splits"] = ["valid"]  # a run ranked, not submitted
-    info = predict_run("tiny-t1", parse_params(raw), workspace / "prepare/finarg_ecc",
+    info = predict_run(resolve_run(parse_params(raw), "tiny-t1"), workspace / "prepare/finarg_ecc",
                        workspace / "base/tiny", out / "tiny-t1", tmp_path / "valid-only")
     assert {v: set(s) for v, s in info["variants"].items()} == {"base": {"valid"},
                                                                 "adapter": {"valid"}}
@@ -230,7 +231,7 @@ def test_weights_changed_after_training_are_refused(workspace, trained, tmp_path
     weights.write_bytes(data[: len(data) // 2])  # truncated, as a full disk would leave it
     with pytest.raises(ModelError, match=r"adapter_model\.safetensors is not the file `train` "
                                          r"wrote .*dvc checkout"):
-        predict_run("tiny-t1", params, workspace / "prepare/finarg_ecc",
+        predict_run(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
                     workspace / "base/tiny", copy, tmp_path / "predict")
     assert not (tmp_path / "predict").exists()
 
@@ -262,7 +263,7 @@ def test_a_dequantized_base_predicts_what_the_4bit_base_predicts(
     for dequantize in (False, True):
         raw["predict"] = {"mode": mode, "variants": ["base", "adapter"], "splits": ["valid"],
                           "batch_size": 4, "dequantize": dequantize}
-        predict_run("tiny-t1", parse_params(raw), workspace / "prepare/finarg_ecc",
+        predict_run(resolve_run(parse_params(raw), "tiny-t1"), workspace / "prepare/finarg_ecc",
                     workspace / "base/tiny", out / "tiny-t1", tmp_path / str(dequantize))
         predicted[dequantize] = {v: read_jsonl(tmp_path / str(dequantize) / v / "valid.jsonl")
                                  for v in ("base", "adapter")}

@@ -17,6 +17,7 @@ from fin_tasks.models import load_base, load_tokenizer, read_base_ref
 from fin_tasks.predict import _stop_ids, _tokenize, generate, predict_run
 from fin_tasks.predictions import parse
 from fin_tasks.prompting import IGNORE, encode_example, render_prompt
+from fin_tasks.runs import resolve_run
 from fin_tasks.tasks import finarg_ecc
 
 from conftest import make_params
@@ -41,7 +42,7 @@ def _params(hyper: dict | None = None):
 @pytest.fixture(scope="module")
 def smollm2(workspace: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("smollm2") / "base"
-    build_base("smollm2", _params(), workspace / "prepare", base)
+    build_base("smollm2", _params().models["smollm2"], workspace / "prepare", base)
     return base
 
 
@@ -89,12 +90,12 @@ def test_a_short_qlora_run_learns_the_answer_format(smollm2: Path, workspace: Pa
 
     params = _params(hyper={"max_steps": 8, "lr": 1e-3, "micro_batch_size": 8,
                             "max_length": 192, "checkpoint_every": 100})
-    train("smol", params, workspace / "prepare/finarg_ecc", smollm2, tmp_path / "train",
-          checkpoint_root=tmp_path / "ck")
+    train(resolve_run(params, "smol"), workspace / "prepare/finarg_ecc", smollm2,
+          tmp_path / "train", checkpoint_root=tmp_path / "ck")
     raw = params.model_dump(mode="json")
     raw["predict"] = {"variants": ["adapter"], "splits": ["valid"], "batch_size": 8}
-    info = predict_run("smol", parse_params(raw), workspace / "prepare/finarg_ecc", smollm2,
-                       tmp_path / "train", tmp_path / "predict")
+    info = predict_run(resolve_run(parse_params(raw), "smol"), workspace / "prepare/finarg_ecc",
+                       smollm2, tmp_path / "train", tmp_path / "predict")
     from fin_tasks.artifacts import read_jsonl
 
     rows = read_jsonl(tmp_path / "predict/adapter/valid.jsonl")

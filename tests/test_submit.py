@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from fin_tasks.metrics import MISSING
+from fin_tasks.runs import resolve_run
 from fin_tasks.submit import SubmissionError, validate_bundle
 from fin_tasks.tasks import edtsum, finarg_ecc
 
@@ -81,10 +82,10 @@ def scored_baseline(workspace, tmp_path):
     root = tmp_path / "outputs"
     shutil.copytree(workspace / "prepare", root / "prepare")
     prepared = root / "prepare/finarg_ecc"
-    train("maj", params, prepared, root / "base/majority", root / "train/maj")
-    predict_run("maj", params, prepared, root / "base/majority", root / "train/maj",
+    train(resolve_run(params, "maj"), prepared, root / "base/majority", root / "train/maj")
+    predict_run(resolve_run(params, "maj"), prepared, root / "base/majority", root / "train/maj",
                 root / "predict/maj")
-    evaluate_run("maj", params, prepared, root / "predict/maj", root / "evaluate/maj")
+    evaluate_run(resolve_run(params, "maj"), prepared, root / "predict/maj", root / "evaluate/maj")
     return params, root
 
 
@@ -101,7 +102,7 @@ def test_a_duplicate_conflicting_id_is_refused_by_name(scored_baseline) -> None:
     write_jsonl(path, rows + [first | {"label": other, "output": other}])
     with pytest.raises(SubmissionError, match="is not the file `evaluate` scored"):
         submit_task("finarg_ecc", params, root, root / "submit/finarg_ecc")  # not re-scored
-    evaluate_run("maj", params, root / "prepare/finarg_ecc", root / "predict/maj",
+    evaluate_run(resolve_run(params, "maj"), root / "prepare/finarg_ecc", root / "predict/maj",
                  root / "evaluate/maj")
     with pytest.raises(SubmissionError, match=rf"duplicate ids: {first['id']} \(predicted "):
         submit_task("finarg_ecc", params, root, root / "submit/finarg_ecc")

@@ -15,9 +15,10 @@ from fin_tasks.errors import ConfigError, ModelError
 from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
                               read_base_ref, with_adapter, with_lora)
 from fin_tasks.prompting import IGNORE, render_prompt
+from fin_tasks.runs import resolve_run
 from fin_tasks.artifacts import read_jsonl
-from fin_tasks.train import (Progress, _Loop, collate, encode, encode_causal, epoch_batches,
-                             train)
+from fin_tasks.encoding import collate, encode, encode_causal
+from fin_tasks.train import Progress, _Loop, epoch_batches, train
 
 from conftest import QUANT, make_params
 
@@ -95,7 +96,8 @@ def test_encoder_lora_trains_the_head_and_adapters_only(workspace, tmp_path) -> 
 
 def test_train_writes_adapter_records_and_resumes_exactly(workspace, tmp_path) -> None:
     params = make_params(hyper={"max_steps": 7, "checkpoint_every": 3})
-    args = ("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny")
+    args = (resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
+            workspace / "base/tiny")
     straight = train(*args, tmp_path / "straight", checkpoint_root=tmp_path / "ck1")
 
     def crash(step: int) -> None:
@@ -132,8 +134,9 @@ def test_a_changed_config_does_not_resume_a_stale_checkpoint(workspace, tmp_path
     for lr in (5e-3, 1e-3):
         params = make_params(hyper={"lr": lr, "max_steps": 4, "checkpoint_every": 2})
         with pytest.raises(KeyboardInterrupt):
-            train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
-                  tmp_path / "out", checkpoint_root=tmp_path / "ck", on_step=crash)
+            train(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
+                  workspace / "base/tiny", tmp_path / "out", checkpoint_root=tmp_path / "ck",
+                  on_step=crash)
     assert len(list((tmp_path / "ck").iterdir())) == 2
 
 
@@ -142,7 +145,7 @@ def test_full_fine_tuning_is_an_option_of_the_same_stage(workspace, tmp_path) ->
     raw = params.model_dump(mode="json")
     raw["models"]["minilm"]["lora"] = None
     raw["train"]["defaults"]["max_steps"] = 2
-    metrics = train("minilm-s", parse_params(raw), workspace / "prepare/sentiment",
+    metrics = train(resolve_run(parse_params(raw), "minilm-s"), workspace / "prepare/sentiment",
                     workspace / "base/minilm", tmp_path / "out", checkpoint_root=tmp_path / "ck")
     assert (tmp_path / "out/model/model.safetensors").exists()
     assert not (tmp_path / "out/adapter").exists() and metrics["steps"] == 2
@@ -216,7 +219,7 @@ def test_a_hub_model_goes_through_the_same_loading_call(monkeypatch, tmp_path) -
                                 "revision": "abc123", "dtype": "bfloat16",
                                 "quantization": QUANT | {"compute_dtype": "bfloat16"}}
     params = parse_params(raw)
-    build_base("mistral", params, tmp_path, tmp_path / "base")
+    build_base("mistral", params.models["mistral"], tmp_path, tmp_path / "base")
     ref = read_base_ref(tmp_path / "base")
     assert (ref.name_or_path, ref.revision) == ("mistralai/Mistral-7B-Instruct-v0.2", "abc123")
     calls = []
@@ -236,12 +239,33 @@ def test_a_hub_model_goes_through_the_same_loading_call(monkeypatch, tmp_path) -
     assert "trust_remote_code" not in kwargs
 
 
-def test_early_stopping_ends_a_run_that_stops_improving(workspace, tmp_path) -> None:
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
+def test_each_run_reports_its_own_peak_memory() -> None:
+    """One `fin-tasks train` process trains every run in turn: a run's peak must not be an
+    earlier, larger run's."""
+    from fin_tasks.models import peak_memory_bytes, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    block = torch.ones(256 * 2**20 // 4)  # 256 MiB, written, so resident
+    high = peak_memory_bytes(cpu)
+    del block
+    reset_peak_memory(cpu)
+    assert peak_memory_bytes(cpu) < high - 128 * 2**20
+
+
+def test_early_stopping_ends_a_run_that_stops_improving(workspace, tmp_path, monkeypatch,
+                                                        capsys) -> None:
+    from fin_tasks import events
+
+    monkeypatch.setenv(events.ENV, "1")  # as under the flows: progress events on stdout
     params = make_params(hyper={"lr": 1e-9, "max_steps": 10, "eval_every": 1,
                                 "early_stopping_patience": 2, "early_stopping_min_delta": 0.01})
-    metrics = train("tiny-t1", params, workspace / "prepare/finarg_ecc", workspace / "base/tiny",
-                    tmp_path / "out", checkpoint_root=tmp_path / "ck")
+    metrics = train(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
+                    workspace / "base/tiny", tmp_path / "out", checkpoint_root=tmp_path / "ck")
     assert metrics["stopped_early"] and metrics["steps"] == 3 and metrics["best_step"] == 1
+    emitted = [events.parse(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e for e in emitted if e] == [{"event": "progress", "step": step, "total": 10}
+                                         for step in (1, 2, 3)]
 
 
 def test_data_parallel_training_equals_one_process_with_the_same_window(workspace,
@@ -254,16 +278,17 @@ def test_data_parallel_training_equals_one_process_with_the_same_window(workspac
 
     lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"}
     single = make_params({"lora": lora}, {"grad_accum": 2, "max_steps": 3})
-    train("tiny-t1", single, workspace / "prepare" / "finarg_ecc", workspace / "base" / "tiny",
-          tmp_path / "single", checkpoint_root=tmp_path / "c1")
+    train(resolve_run(single, "tiny-t1"), workspace / "prepare" / "finarg_ecc",
+          workspace / "base" / "tiny", tmp_path / "single", checkpoint_root=tmp_path / "c1")
     script = tmp_path / "ddp.py"
     script.write_text(
         "import sys\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from conftest import make_params\n"
+        "from fin_tasks.runs import resolve_run\n"
         "from fin_tasks.train import train\n"
         f"params = make_params({{'lora': {lora!r}}}, {{'grad_accum': 1, 'max_steps': 3}})\n"
-        f"train('tiny-t1', params, {str(workspace / 'prepare' / 'finarg_ecc')!r}, "
+        f"train(resolve_run(params, 'tiny-t1'), {str(workspace / 'prepare' / 'finarg_ecc')!r}, "
         f"{str(workspace / 'base' / 'tiny')!r}, {str(tmp_path / 'ddp')!r}, "
         f"checkpoint_root={str(tmp_path / 'c2')!r})\n")
     with socket.socket() as sock:
