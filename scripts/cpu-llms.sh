@@ -2,7 +2,7 @@
 # The real-LLM CPU set-up end to end (configs/cpu-llms.yaml), one verb after the other, each
 # timed: prepare, base, train, predict, evaluate, submit, report. Outputs go to DIR
 # (default outputs-cpu/); a training that is killed resumes from its last checkpoint when
-# the script is run again. About 2 hours on a 2-core CPU with nothing else running.
+# the script is run again. 74 minutes on a 2-core CPU with nothing else running (README).
 #   bash scripts/cpu-llms.sh [DIR]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
