@@ -82,3 +82,22 @@ def prepare_and_train(raw: dict, out: Path, valid: list[dict[str, Any]] | None =
     train(resolve_run(params, "tiny"), prepared, out / "base", out / "train",
           checkpoint_root=out / "checkpoints")
     return prepared
+
+
+def real_inputs(config: str, task: str, model: str, work: Path) -> tuple[Any, Path, Path]:
+    """A config's params, its task prepared under `work` and the model's converted base (the
+    copy bench/train_real.py built when there is one, else built under `work`): what the
+    real-LLM prediction benchmarks start from."""
+    from fin_tasks.base import build_base
+    from fin_tasks.config import load_params
+    from fin_tasks.prepare import prepare_task
+
+    params = load_params(ROOT / config)
+    prepared = work / "prepare" / task
+    if not (prepared / "manifest.json").exists():
+        prepare_task(task, params.tasks[task], params.prepare, prepared)
+    built = ROOT / "bench-out" / "train-real" / "base" / model
+    base = built if (built / "base.json").exists() else work / "base" / model
+    if not (base / "base.json").exists():
+        build_base(model, params.models[model], work / "prepare", base)
+    return params, prepared, base

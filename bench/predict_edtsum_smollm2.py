@@ -18,11 +18,10 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, offline
+from common import ROOT, offline, real_inputs
 
 MODEL, TASK = "smollm2", "edtsum"
 WORK = ROOT / "bench-out" / "edtsum-smollm2"
-BUILT = ROOT / "bench-out" / "train-real" / "base" / MODEL  # bench/train_real.py's copy
 
 
 def main() -> None:
@@ -33,17 +32,8 @@ def main() -> None:
     args = parser.parse_args()
     offline()
     from fin_tasks.artifacts import read_jsonl
-    from fin_tasks.base import build_base
-    from fin_tasks.config import load_params
-    from fin_tasks.prepare import prepare_task
 
-    params = load_params(ROOT / "configs/cpu-llms.yaml")
-    prepared = WORK / "prepare" / TASK
-    if not (prepared / "manifest.json").exists():
-        prepare_task(TASK, params.tasks[TASK], params.prepare, prepared)
-    base = BUILT if (BUILT / "base.json").exists() else WORK / "base" / MODEL
-    if not (base / "base.json").exists():
-        build_base(MODEL, params.models[MODEL], WORK / "prepare", base)
+    params, prepared, base = real_inputs("configs/cpu-llms.yaml", TASK, MODEL, WORK)
     records = read_jsonl(prepared / "valid.jsonl")
     rows, load_s = measure(params, base, records, args.batch_size)
     report(params, rows, records, load_s, args.batch_size, args.json)

@@ -19,11 +19,10 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, offline
+from common import ROOT, offline, real_inputs
 
 MODEL, TASK = "qwen2.5-coder-0.5b", "fineval"
 WORK = ROOT / "bench-out" / "fineval-qwen"
-BUILT = ROOT / "bench-out" / "train-real" / "base" / MODEL  # bench/train_real.py's copy
 
 
 def main() -> None:
@@ -35,17 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     offline()
     from fin_tasks.artifacts import read_jsonl
-    from fin_tasks.base import build_base
-    from fin_tasks.config import load_params
-    from fin_tasks.prepare import prepare_task
 
-    params = load_params(ROOT / "configs/numllm-qwen.yaml")
-    prepared = WORK / "prepare" / TASK
-    if not (prepared / "manifest.json").exists():
-        prepare_task(TASK, params.tasks[TASK], params.prepare, prepared)
-    base = BUILT if (BUILT / "base.json").exists() else WORK / "base" / MODEL
-    if not (base / "base.json").exists():
-        build_base(MODEL, params.models[MODEL], WORK / "prepare", base)
+    params, prepared, base = real_inputs("configs/numllm-qwen.yaml", TASK, MODEL, WORK)
     records = read_jsonl(prepared / "test.jsonl")[: args.questions]
     rows, load_s = measure(params, base, records, args.batch_size)
     report(rows, records, load_s, args.batch_size, args.json)

@@ -60,9 +60,9 @@ def train_baseline(run: RunInputs, prepared_dir: str | Path, out_dir: str | Path
     check_writable(out_dir)
     started = time.perf_counter()
     fitted = fit(run.model, run.task, labeled_records(prepared_dir / "train.jsonl"))
-    metrics = {"run": run.name, "model": run.entry.model, "task": run.entry.task, "steps": 0,
-               "wall_s": round(time.perf_counter() - started, 3), "peak_memory_bytes": None,
-               "tokens_per_s": None, "best_valid": None, "baseline": fitted}
+    metrics = run.names | {"steps": 0, "wall_s": round(time.perf_counter() - started, 3),
+                           "peak_memory_bytes": None, "tokens_per_s": None,
+                           "best_valid": None, "baseline": fitted}
     with atomic_dir(out_dir) as scratch:
         write_json(scratch / "baseline.json", fitted)
         write_json(scratch / "metrics.json", metrics)

@@ -24,9 +24,8 @@ def evaluate_run(run: RunInputs, prepared_dir: str | Path, predict_dir: str | Pa
                  out_dir: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every variant's predictions of one train run; write evaluation.json (the full
     record) and metrics.json (its numbers)."""
-    info = {"run": run.name, "task": run.entry.task, "model": run.entry.model}
-    return evaluate_predictions(info, run.task, run.evaluate, prepared_dir, predict_dir, out_dir,
-                                plots_dir)
+    return evaluate_predictions(run.names, run.task, run.evaluate, prepared_dir, predict_dir,
+                                out_dir, plots_dir)
 
 
 def evaluate_merge(merge: MergeInputs, prepared_dir: str | Path, merge_dir: str | Path,

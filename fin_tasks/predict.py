@@ -348,8 +348,7 @@ def predict_run(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
     predictors = {variant: partial(_predictor, variant, task, config, base_dir, train_dir,
                                    settings, run.hyper.max_length)
                   for variant in variants_for(config, settings, run.entry.zero_shot)}
-    info = {"run": run.name, "model": run.entry.model, "task": run.entry.task}
-    return write_predictions(info, task, config, predictors, settings, prepared_dir, out_dir)
+    return write_predictions(run.names, task, config, predictors, settings, prepared_dir, out_dir)
 
 
 def predict_merge(merge: MergeInputs, prepared_dir: str | Path, base_dir: str | Path,

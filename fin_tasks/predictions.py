@@ -101,6 +101,5 @@ def predict_baseline(run: RunInputs, prepared_dir: str | Path, train_dir: str | 
         return [{"output": text, "label": parse(run.task, text)}
                 for text in baselines.outputs(fitted, records)]
 
-    info = {"run": run.name, "model": run.entry.model, "task": run.entry.task}
-    return write_predictions(info, run.task, run.model, {"baseline": lambda: predictor},
+    return write_predictions(run.names, run.task, run.model, {"baseline": lambda: predictor},
                              run.predict, prepared_dir, out_dir)

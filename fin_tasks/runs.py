@@ -31,6 +31,11 @@ class RunInputs:
     """The predict settings with the run's own `predict_splits`."""
     evaluate: EvaluateConfig
 
+    @property
+    def names(self) -> dict[str, str]:
+        """The run, model and task names every record of the run starts with."""
+        return {"run": self.name, "model": self.entry.model, "task": self.entry.task}
+
 
 def resolve_run(params: Params, name: str) -> RunInputs:
     """The inputs of train run `name` (a name params does not define is a KeyError)."""

@@ -253,9 +253,8 @@ def _zero_shot(run: RunInputs, prepared_dir: Path, base_dir: Path,
                out_dir: str | Path) -> dict[str, Any]:
     """A zero-shot run trains nothing: it records its base and keeps its tokenizer."""
     ref = read_base_ref(base_dir)
-    metrics = {"run": run.name, "model": run.entry.model, "task": run.entry.task, "steps": 0,
-               "wall_s": 0.0, "peak_memory_bytes": None, "tokens_per_s": None,
-               "best_valid": None, "zero_shot": True}
+    metrics = run.names | {"steps": 0, "wall_s": 0.0, "peak_memory_bytes": None,
+                           "tokens_per_s": None, "best_valid": None, "zero_shot": True}
     with atomic_dir(out_dir) as scratch:
         load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
         write_json(scratch / "metrics.json", metrics)
@@ -506,8 +505,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
             for name, value in loop.best_state.items():
                 parameters[name].copy_(value)
     metrics = {
-        "run": run.name, "model": run.entry.model, "task": run.entry.task,
-        "steps": progress.step, "stopped_early": progress.stopped_early,
+        **run.names, "steps": progress.step, "stopped_early": progress.stopped_early,
         "best_step": progress.best_step, "best_valid": progress.best_value,
         "train_examples": len(loop.train_set), "train_tokens": progress.tokens,
         "wall_s": round(progress.elapsed, 3),

@@ -140,11 +140,14 @@ def adopt_lock_entry(stage: str, entry: dict, workdir: str | Path) -> None:
     params = Path(workdir) / "params.yaml"
     recorded = (entry.get("params") or {}).get("params.yaml") or {}
     tree = yaml.safe_load(params.read_text(encoding="utf-8")) or {}
+    overrides: dict[str, Any] = {}
     for key, value in recorded.items():  # dotted keys, e.g. train.runs.<run>
         nested: Any = value
         for part in reversed(_key_path(tree, key)):
             nested = {part: nested}
-        update_params(params, nested)
+        _merge(overrides, nested)
+    if overrides:
+        update_params(params, overrides)
     path = Path(workdir) / "dvc.lock"
     with _DVC_LOCK:
         lock = yaml.safe_load(path.read_text(encoding="utf-8")) if path.exists() else None

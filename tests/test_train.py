@@ -240,9 +240,9 @@ def test_a_hub_model_goes_through_the_same_loading_call(monkeypatch, tmp_path) -
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux only")
-def test_each_run_reports_its_own_peak_memory() -> None:
-    """One `fin-tasks train` process trains every run in turn: a run's peak must not be an
-    earlier, larger run's."""
+def test_the_peak_memory_restarts_at_a_reset() -> None:
+    """One `fin-tasks train` process trains every run in turn, and `train` resets the peak
+    at each run's start: a run's peak must not be an earlier, larger run's."""
     from fin_tasks.models import peak_memory_bytes, reset_peak_memory
 
     cpu = torch.device("cpu")
