@@ -35,6 +35,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64, help="valid rows to predict")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--json", help="also write the figures to this JSON file")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead, profile (a) and (c) on the 4-bit base with the torch "
+                        "profiler: where each path's time goes")
     args = parser.parse_args()
     offline()
     from fin_tasks.artifacts import read_jsonl
@@ -49,15 +52,16 @@ def main() -> None:
     records = read_jsonl(valid)[: args.rows]
     adapter = layout.trained(RUN) / "adapter"
     variant = "adapter" if adapter.exists() else "base"
+    if args.profile:
+        return profile(params, layout, records[: args.batch_size], variant, args.batch_size)
     rows = measure(params, layout, records, variant, args.batch_size)
     report(rows, len(records), variant, args.batch_size, args.json)
 
 
-def measure(params, layout, records, variant: str, batch_size: int) -> dict[str, dict]:
-    """Each path's seconds, examples/s and labels, for the 4-bit and the dequantized base."""
+def _paths(params, layout, records, variant: str, batch_size: int) -> tuple[dict, list[str]]:
+    """The three prediction paths as calls on a loaded model, and the prompts."""
     from fin_tasks.models import BaseRef, load_tokenizer
-    from fin_tasks.predict import generate, load_variant, score_choices
-    from fin_tasks.predictions import parse
+    from fin_tasks.predict import generate, score_choices
     from fin_tasks.prompting import answer_separator, render_prompt
     from fin_tasks.tasks import task_from_config
 
@@ -68,12 +72,61 @@ def measure(params, layout, records, variant: str, batch_size: int) -> dict[str,
                                            else folder)))
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
     separator = answer_separator(tokenizer, config.chat_template)
-    paths = {"(a) generate, one by one": lambda m: generate(m, tokenizer, prompts,
-                                                            task.max_new_tokens, 1),
-             "(b) generate, batched": lambda m: generate(m, tokenizer, prompts,
-                                                         task.max_new_tokens, batch_size),
-             "(c) score choices": lambda m: score_choices(m, tokenizer, prompts, task.labels,
-                                                          batch_size, separator)}
+    return {"(a) generate, one by one": lambda m: generate(m, tokenizer, prompts,
+                                                           task.max_new_tokens, 1),
+            "(b) generate, batched": lambda m: generate(m, tokenizer, prompts,
+                                                        task.max_new_tokens, batch_size),
+            "(c) score choices": lambda m: score_choices(m, tokenizer, prompts, task.labels,
+                                                         batch_size, separator)}, prompts
+
+
+GROUPS = {"4-bit matmul (dequantize + mm)": ("bitsandbytes::gemm_4bit", "bitsandbytes::dequant",
+                                             "aten::mm", "aten::addmm", "aten::linear",
+                                             "aten::matmul"),
+          "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product"),
+          "element-wise and norms": ("aten::mul", "aten::add", "aten::silu", "aten::pow",
+                                     "aten::mean", "aten::rsqrt", "aten::neg", "aten::cat",
+                                     "aten::copy_", "aten::to", "aten::_to_copy")}
+
+
+def profile(params, layout, records, variant: str, batch_size: int) -> None:
+    """(a) and (c) on one batch of rows under the torch profiler: seconds, forward calls,
+    and the share of operator time in each group (the 4-bit matrix multiplies, attention,
+    element-wise work), then the top operators."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    from fin_tasks.predict import load_variant
+
+    config = params.models[MODEL]
+    calls, prompts = _paths(params, layout, records, variant, batch_size)
+    model = load_variant(variant, config, (), layout.base(MODEL), layout.trained(RUN)).eval()
+    forwards = [0]
+    model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
+    for name in ("(a) generate, one by one", "(c) score choices"):
+        forwards[0], started = 0, time.perf_counter()
+        with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+            calls[name](model)
+        seconds = time.perf_counter() - started
+        events = profiler.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        shares = {group: sum(e.self_cpu_time_total for e in events
+                             if e.key.startswith(prefixes)) / total
+                  for group, prefixes in GROUPS.items()}
+        print(f"\n{name}: {len(prompts)} rows, {seconds:.1f} s ({seconds / len(prompts):.3f} "
+              f"s a row, profiled), {forwards[0]} forward calls\n")
+        print(", ".join(f"{group} {share:.0%}" for group, share in shares.items()))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+def measure(params, layout, records, variant: str, batch_size: int) -> dict[str, dict]:
+    """Each path's seconds, examples/s and labels, for the 4-bit and the dequantized base."""
+    from fin_tasks.predict import load_variant
+    from fin_tasks.predictions import parse
+    from fin_tasks.tasks import task_from_config
+
+    config = params.models[MODEL]
+    task = task_from_config(TASK, params.tasks[TASK])
+    paths, prompts = _paths(params, layout, records, variant, batch_size)
     rows = {}
     for dequantize in (False, True):
         started = time.perf_counter()

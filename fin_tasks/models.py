@@ -224,16 +224,77 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
                          f"(revision {ref.revision or 'default'}): {error}") from error
     if quant is None:
         model.to(device)
-    elif device.type == "cpu":
+        return model
+    if device.type == "cpu":
         _keep_cpu_4bit_layout(model)
+    if config.kind == "causal":
+        compute_vocab_in(model, compute_dtype(config.quantization, device))
+    return model
+
+
+VOCAB_CHUNK = 16_384  # output-layer rows upcast at a time: 56 MiB of float32 for a 896-wide model
+
+
+def compute_vocab_in(model: Any, dtype: torch.dtype) -> None:
+    """Let a quantized causal LM keep its vocabulary matrices (input embeddings, output layer),
+    which stay unquantized, in their stored dtype and compute with them in `dtype`, the dtype
+    of its 4-bit matrix multiplies: bfloat16 storage halves them where a CPU computes in
+    float32, and the output layer takes the float32 residual stream that upcast norms give.
+
+    The embeddings' output is cast to `dtype`; the output layer upcasts its weight a block of
+    rows at a time and again in the backward pass, so no full-size copy is made or kept for
+    the gradient. Where the stored dtype is `dtype` this changes nothing."""
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is not None and embeddings.weight.dtype != dtype:
+        embeddings.register_forward_hook(lambda _module, _args, output: output.to(dtype))
+    if head is not None and head.bias is None:
+        head.forward = functools.partial(_vocab_linear, head, dtype=dtype)
+
+
+def _vocab_linear(head: torch.nn.Linear, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The output layer's logits computed in `dtype` from a weight stored in any dtype."""
+    hidden, weight = hidden.to(dtype), head.weight
+    if weight.dtype == dtype or weight.requires_grad:
+        return torch.nn.functional.linear(hidden, weight.to(dtype))
+    return _UpcastLinear.apply(hidden, weight)
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """`hidden @ weight.T` in hidden's dtype for a frozen weight stored in another dtype,
+    upcasting `VOCAB_CHUNK` rows at a time in both passes: saves the stored weight only."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return torch.cat([hidden @ rows.to(hidden.dtype).T
+                          for rows in weight.split(VOCAB_CHUNK)], dim=-1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (weight,) = ctx.saved_tensors
+        parts = zip(grad.split(VOCAB_CHUNK, dim=-1), weight.split(VOCAB_CHUNK))
+        return sum(part @ rows.to(grad.dtype) for part, rows in parts), None
+
+
+def upcast_vocab(model: Any, config: ModelConfig) -> Any:
+    """For inference: a quantized causal LM's vocabulary matrices in its compute dtype once,
+    as float32 weights did before `compute_vocab_in`, rather than upcast on every forward
+    pass (generation makes one per new token; SmolLM2 spent a quarter of its time on it)."""
+    if config.quantization is not None and config.kind == "causal":
+        dtype = compute_dtype(config.quantization, device_for(config))
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.weight.data = module.weight.data.to(dtype)
     return model
 
 
 def quantization_record(config: ModelConfig) -> dict[str, Any] | None:
     """The settings that decide a quantized model's weights and kernels here: the resolved
-    quantization and the device kind."""
+    quantization, the dtype of the weights left unquantized (a ready copy keeps the dtype it
+    was stored in) and the device kind."""
     resolved = resolved_quantization(config)
-    return None if resolved is None else resolved | {"device": device_for(config).type}
+    return None if resolved is None else resolved | {"dtype": config.dtype,
+                                                      "device": device_for(config).type}
 
 
 def ready_quantized(config: ModelConfig, ref: BaseRef) -> BaseRef | None:
@@ -305,12 +366,26 @@ def with_lora(model: Any, config: ModelConfig) -> Any:
     """Wrap a base in fresh LoRA adapters (the base frozen); a no-op for full fine-tuning."""
     if config.lora is None:
         return model
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
 
     if config.quantization is not None:
-        # fp32 norms/head and input grads so gradients flow through the frozen k-bit base.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _freeze_for_kbit_training(model)
     return get_peft_model(model, lora_config(config.lora, config.kind))
+
+
+def _freeze_for_kbit_training(model: Any) -> None:
+    """Freeze a quantized base and upcast its small half-precision weights (norms, biases) to
+    float32, as peft's `prepare_model_for_kbit_training` does, except the vocabulary matrices:
+    peft upcasts those too, doubling the largest unquantized weights (2 GiB more for a
+    128K-vocabulary 8B model); they stay as stored and compute as `compute_vocab_in` set up."""
+    vocabulary = {id(module.weight) for module in (model.get_input_embeddings(),
+                                                   model.get_output_embeddings())
+                  if module is not None}
+    for param in model.parameters():
+        param.requires_grad = False
+        if (param.dtype in (torch.float16, torch.bfloat16) and id(param) not in vocabulary
+                and type(param).__name__ != "Params4bit"):
+            param.data = param.data.float()
 
 
 def with_adapter(model: Any, adapter_dir: str | Path) -> Any:

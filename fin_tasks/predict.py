@@ -21,7 +21,8 @@ from fin_tasks.encoding import Example, collate, encode_corpus, encode_encoder
 from fin_tasks.errors import ModelError
 from fin_tasks.models import (MIN_SHARED_PREFIX, BaseRef, cache_argument,
                               check_trained_weights, dequantized, load_base, load_tokenizer,
-                              read_base_ref, returned_cache, shared_prefix_cache, with_adapter)
+                              read_base_ref, returned_cache, shared_prefix_cache, upcast_vocab,
+                              with_adapter)
 from fin_tasks.predictions import (parse, predict_baseline, variants_for,
                                    write_predictions)
 from fin_tasks.runs import MergeInputs, RunInputs
@@ -381,8 +382,7 @@ def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path |
                         labels: tuple[str, ...], dequantize: bool) -> Any:
     """The base (dequantized if asked), carrying the adapter in `adapter_dir` if one."""
     base = load_base(config, read_base_ref(base_dir), labels)
-    if dequantize:
-        base = dequantized(base, config)
+    base = dequantized(base, config) if dequantize else upcast_vocab(base, config)
     return base if adapter_dir is None else with_adapter(base, adapter_dir)
 
 

@@ -13,12 +13,12 @@ from fin_tasks.base import build_base
 from fin_tasks.config import Params, QuantConfig, parse_params
 from fin_tasks.errors import ConfigError, ModelError
 from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
-                              read_base_ref, with_adapter, with_lora)
+                              read_base_ref, upcast_vocab, with_adapter, with_lora)
 from fin_tasks.prompting import IGNORE, render_prompt
 from fin_tasks.runs import resolve_run
 from fin_tasks.artifacts import read_jsonl
 from fin_tasks.encoding import collate, encode, encode_causal
-from fin_tasks.train import Progress, _Loop, epoch_batches, train
+from fin_tasks.train import Progress, _Loop, epoch_batches, loss_sum, train
 
 from conftest import QUANT, make_params
 
@@ -239,6 +239,82 @@ def test_a_hub_model_goes_through_the_same_loading_call(monkeypatch, tmp_path) -
     assert "trust_remote_code" not in kwargs
 
 
+def test_the_output_layer_upcasts_by_blocks_and_saves_only_its_stored_weight(monkeypatch) -> None:
+    """A bfloat16 output layer computing in float32 gives the logits and input gradient of
+    the upcast weight, block by block, and keeps no float32 copy of the weight for the
+    backward pass (that copy is what the bfloat16 storage saves)."""
+    from fin_tasks import models
+
+    monkeypatch.setattr(models, "VOCAB_CHUNK", 5)  # 12 rows: blocks of 5, 5 and 2
+    torch.manual_seed(0)
+    head = torch.nn.Linear(64, 12, bias=False).to(torch.bfloat16).requires_grad_(False)
+    models.compute_vocab_in(_Vocab(torch.nn.Embedding(12, 64), head), torch.float32)
+    hidden = torch.randn(3, 7, 64, requires_grad=True)
+    reference = hidden.detach().clone().requires_grad_(True)
+    grad = torch.randn(3, 7, 12)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        logits = head(hidden)
+    expected = torch.nn.functional.linear(reference, head.weight.float())
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+    logits.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=1e-6, atol=1e-6)
+    assert [t.dtype for t in saved] == [torch.bfloat16]
+
+
+class _Vocab(torch.nn.Module):
+    """The two accessors `compute_vocab_in` uses, around bare modules."""
+
+    def __init__(self, embeddings: torch.nn.Embedding, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.embeddings, self.head = embeddings, head
+
+    def get_input_embeddings(self) -> torch.nn.Embedding:
+        return self.embeddings
+
+    def get_output_embeddings(self) -> torch.nn.Linear:
+        return self.head
+
+
+def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -> None:
+    """QLoRA with the vocabulary matrices stored in bfloat16 and computing in float32: they
+    stay bfloat16 (peft's preparation would upcast them), the norms are upcast, only LoRA
+    learns, and the loss and every adapter gradient are those of the same model with the
+    two matrices upcast to float32 (as `upcast_vocab` does for prediction)."""
+    params = make_params({"dtype": "bfloat16"})
+    config = params.models["tiny"]
+    ref = read_base_ref(workspace / "base" / "tiny")
+    torch.manual_seed(0)
+    model = with_lora(load_base(config, ref), config)
+    base = model.get_base_model()
+    vocab = (base.get_input_embeddings().weight, base.get_output_embeddings().weight)
+    assert [w.dtype for w in vocab] == [torch.bfloat16] * 2
+    assert base.model.norm.weight.dtype == torch.float32
+    assert all("lora_" in k for k, p in model.named_parameters() if p.requires_grad)
+    tokenizer = load_tokenizer(ref)
+    rows = read_jsonl(workspace / "prepare" / "finarg_ecc" / "train.jsonl")[:4]
+    batch = collate(encode(rows, tokenizer, config, 128), tokenizer.pad_token_id,
+                    torch.device("cpu"))
+    model.eval()  # no dropout: the two passes draw no masks
+
+    def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model.zero_grad()
+        loss, _ = loss_sum(model, batch)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()
+                               if p.requires_grad}
+
+    loss, grads = loss_and_grads()
+    upcast_vocab(base, config)  # as prediction loads it: float32 once, not at every forward
+    assert [w.dtype for w in vocab] == [torch.float32] * 2
+    upcast_loss, upcast_grads = loss_and_grads()
+    torch.testing.assert_close(loss, upcast_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, upcast_grads[name], rtol=1e-4, atol=1e-6)
+
+
 PEAK_RESET = """
 import torch
 from fin_tasks.models import peak_memory_bytes, reset_peak_memory
@@ -391,6 +467,9 @@ def test_a_ready_quantized_base_loads_what_quantizing_at_load_gives(workspace, t
     assert ready_quantized(fp4, BaseRef(str(base))) is None
     layer = load_base(fp4, BaseRef(str(base))).model.layers[0].mlp.up_proj
     assert layer.weight.quant_state.quant_type == "fp4"
+    bf16 = config.model_copy(update={"dtype": "bfloat16"})  # the copy keeps float32 norms
+    assert ready_quantized(bf16, BaseRef(str(base))) is None
+    assert load_base(bf16, BaseRef(str(base))).model.norm.weight.dtype == torch.bfloat16
 
 
 def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(
