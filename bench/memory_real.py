@@ -8,7 +8,7 @@ rows (forward and backward). The modes:
 
 - `nf4-f32-vocab`: 4-bit weights computing in float32 (the compute dtype on a CPU without
   native bf16), every unquantized weight (embeddings, output layer, norms) in float32, as
-  before `compute_vocab_in`;
+  before `compute_in`;
 - `nf4`: the 4-bit model as `configs/cpu-llms.yaml` has it: the same, its vocabulary
   matrices stored in bf16 (`dtype: bfloat16`) and upcast as they compute;
 - `nf4-bf16`: 4-bit weights computing in bf16 with bf16 unquantized weights, the QLoRA recipe

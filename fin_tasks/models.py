@@ -228,22 +228,28 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
     if device.type == "cpu":
         _keep_cpu_4bit_layout(model)
     if config.kind == "causal":
-        compute_vocab_in(model, compute_dtype(config.quantization, device))
+        compute_in(model, compute_dtype(config.quantization, device))
     return model
 
 
 VOCAB_CHUNK = 16_384  # output-layer rows upcast at a time: 56 MiB of float32 for a 896-wide model
 
 
-def compute_vocab_in(model: Any, dtype: torch.dtype) -> None:
-    """Let a quantized causal LM keep its vocabulary matrices (input embeddings, output layer),
-    which stay unquantized, in their stored dtype and compute with them in `dtype`, the dtype
-    of its 4-bit matrix multiplies: bfloat16 storage halves them where a CPU computes in
-    float32, and the output layer takes the float32 residual stream that upcast norms give.
+def compute_in(model: Any, dtype: torch.dtype) -> None:
+    """Make a quantized causal LM compute in `dtype`, the dtype of its 4-bit matrix multiplies,
+    whatever dtype its unquantized weights are stored in (bfloat16 storage halves the
+    vocabulary matrices where a CPU computes in float32).
 
-    The embeddings' output is cast to `dtype`; the output layer upcasts its weight a block of
-    rows at a time and again in the backward pass, so no full-size copy is made or kept for
-    the gradient. Where the stored dtype is `dtype` this changes nothing."""
+    The 4-bit layers dequantize to `dtype` (bitsandbytes would use the dtype the weights had
+    when quantized: in the backward pass, in a merge, in `predict.dequantize`); the input
+    embeddings' output is cast to `dtype`; the output layer takes the float32 residual stream
+    that upcast norms give and upcasts its weight a block of rows at a time, in the forward
+    and the backward pass, so no full-size copy is made or kept for the gradient. Where the
+    stored dtype is `dtype` this changes nothing."""
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            state.dtype = dtype
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embeddings is not None and embeddings.weight.dtype != dtype:
         embeddings.register_forward_hook(lambda _module, _args, output: output.to(dtype))
@@ -278,7 +284,7 @@ class _UpcastLinear(torch.autograd.Function):
 
 def upcast_vocab(model: Any, config: ModelConfig) -> Any:
     """For inference: a quantized causal LM's vocabulary matrices in its compute dtype once,
-    as float32 weights did before `compute_vocab_in`, rather than upcast on every forward
+    as float32 weights did before `compute_in`, rather than upcast on every forward
     pass (generation makes one per new token; SmolLM2 spent a quarter of its time on it)."""
     if config.quantization is not None and config.kind == "causal":
         dtype = compute_dtype(config.quantization, device_for(config))
@@ -377,7 +383,7 @@ def _freeze_for_kbit_training(model: Any) -> None:
     """Freeze a quantized base and upcast its small half-precision weights (norms, biases) to
     float32, as peft's `prepare_model_for_kbit_training` does, except the vocabulary matrices:
     peft upcasts those too, doubling the largest unquantized weights (2 GiB more for a
-    128K-vocabulary 8B model); they stay as stored and compute as `compute_vocab_in` set up."""
+    128K-vocabulary 8B model); they stay as stored and compute as `compute_in` set up."""
     vocabulary = {id(module.weight) for module in (model.get_input_embeddings(),
                                                    model.get_output_embeddings())
                   if module is not None}

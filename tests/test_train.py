@@ -248,7 +248,7 @@ def test_the_output_layer_upcasts_by_blocks_and_saves_only_its_stored_weight(mon
     monkeypatch.setattr(models, "VOCAB_CHUNK", 5)  # 12 rows: blocks of 5, 5 and 2
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 12, bias=False).to(torch.bfloat16).requires_grad_(False)
-    models.compute_vocab_in(_Vocab(torch.nn.Embedding(12, 64), head), torch.float32)
+    models.compute_in(_Vocab(torch.nn.Embedding(12, 64), head), torch.float32)
     hidden = torch.randn(3, 7, 64, requires_grad=True)
     reference = hidden.detach().clone().requires_grad_(True)
     grad = torch.randn(3, 7, 12)
@@ -265,7 +265,7 @@ def test_the_output_layer_upcasts_by_blocks_and_saves_only_its_stored_weight(mon
 
 
 class _Vocab(torch.nn.Module):
-    """The two accessors `compute_vocab_in` uses, around bare modules."""
+    """The two accessors `compute_in` uses, around bare modules."""
 
     def __init__(self, embeddings: torch.nn.Embedding, head: torch.nn.Linear) -> None:
         super().__init__()
@@ -280,7 +280,8 @@ class _Vocab(torch.nn.Module):
 
 def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -> None:
     """QLoRA with the vocabulary matrices stored in bfloat16 and computing in float32: they
-    stay bfloat16 (peft's preparation would upcast them), the norms are upcast, only LoRA
+    stay bfloat16 (peft's preparation would upcast them), the norms are upcast, the 4-bit
+    layers dequantize to float32 (not to the dtype they were quantized from), only LoRA
     learns, and the loss and every adapter gradient are those of the same model with the
     two matrices upcast to float32 (as `upcast_vocab` does for prediction)."""
     params = make_params({"dtype": "bfloat16"})
@@ -292,6 +293,8 @@ def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -
     vocab = (base.get_input_embeddings().weight, base.get_output_embeddings().weight)
     assert [w.dtype for w in vocab] == [torch.bfloat16] * 2
     assert base.model.norm.weight.dtype == torch.float32
+    linear = base.model.layers[0].mlp.up_proj.weight  # quantized from bfloat16 weights
+    assert linear.quant_state.dtype == torch.float32  # yet dequantized for the backward in float32
     assert all("lora_" in k for k, p in model.named_parameters() if p.requires_grad)
     tokenizer = load_tokenizer(ref)
     rows = read_jsonl(workspace / "prepare" / "finarg_ecc" / "train.jsonl")[:4]
