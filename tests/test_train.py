@@ -226,7 +226,7 @@ def test_a_hub_model_goes_through_the_same_loading_call(monkeypatch, tmp_path) -
 
     def fake_from_pretrained(name, **kwargs):
         calls.append((name, kwargs))
-        return torch.nn.Linear(2, 2)
+        return _Vocab(torch.nn.Embedding(4, 64), torch.nn.Linear(64, 4, bias=False))
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
     load_base(params.models["mistral"], ref)
