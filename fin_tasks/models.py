@@ -235,32 +235,56 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
 VOCAB_CHUNK = 16_384  # output-layer rows upcast at a time: 56 MiB of float32 for a 896-wide model
 
 
+VOCAB_DTYPE = "fin_tasks_vocab_dtype"  # attribute of the two modules: the dtype they compute in
+
+
 def compute_in(model: Any, dtype: torch.dtype) -> None:
     """Make a quantized causal LM compute in `dtype`, the dtype of its 4-bit matrix multiplies,
     whatever dtype its unquantized weights are stored in (bfloat16 storage halves the
     vocabulary matrices where a CPU computes in float32).
 
     The 4-bit layers dequantize to `dtype` (bitsandbytes would use the dtype the weights had
-    when quantized: in the backward pass, in a merge, in `predict.dequantize`); the input
-    embeddings' output is cast to `dtype`; the output layer takes the float32 residual stream
-    that upcast norms give and upcasts its weight a block of rows at a time, in the forward
-    and the backward pass, so no full-size copy is made or kept for the gradient. Where the
-    stored dtype is `dtype` this changes nothing."""
+    when quantized: in the backward pass, in a merge, in `predict.dequantize`). The input
+    embeddings and the output layer compute in the wider of their stored dtype and `dtype`
+    (`vocab_computes_in` can widen it): the embeddings' output is cast to it, and the output
+    layer upcasts its weight a block of rows at a time, in the forward and the backward pass,
+    so no full-size copy is made or kept for the gradient. Where the stored dtype is `dtype`
+    nothing changes."""
     for module in model.modules():
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
             state.dtype = dtype
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if embeddings is not None and embeddings.weight.dtype != dtype:
-        embeddings.register_forward_hook(lambda _module, _args, output: output.to(dtype))
-    if head is not None and head.bias is None:
-        head.forward = functools.partial(_vocab_linear, head, dtype=dtype)
+    if embeddings is not None:
+        embeddings.register_forward_hook(_cast_embeddings)
+    if head is not None and head.bias is None and head.weight.is_floating_point() \
+            and not hasattr(head.weight, "quant_state"):  # a quantized head computes itself
+        head.forward = functools.partial(_vocab_linear, head)
+    vocab_computes_in(model, dtype)
 
 
-def _vocab_linear(head: torch.nn.Linear, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The output layer's logits computed in `dtype` from a weight stored in any dtype."""
-    hidden, weight = hidden.to(dtype), head.weight
-    if weight.dtype == dtype or weight.requires_grad:
+def vocab_computes_in(model: Any, dtype: torch.dtype) -> None:
+    """Set the dtype the vocabulary matrices compute in (at least their stored one)."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None:
+            setattr(module, VOCAB_DTYPE, dtype)
+
+
+def _vocab_dtype(module: torch.nn.Module) -> torch.dtype:
+    return torch.promote_types(module.weight.dtype, getattr(module, VOCAB_DTYPE))
+
+
+def _cast_embeddings(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.to(_vocab_dtype(module))
+
+
+def _vocab_linear(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer's logits computed in its vocabulary dtype."""
+    dtype, weight = _vocab_dtype(head), head.weight
+    hidden = hidden.to(dtype)
+    if weight.dtype == dtype:
+        return torch.nn.functional.linear(hidden, weight)
+    if weight.requires_grad and torch.is_grad_enabled():
         return torch.nn.functional.linear(hidden, weight.to(dtype))
     return _UpcastLinear.apply(hidden, weight)
 
@@ -272,8 +296,11 @@ class _UpcastLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return torch.cat([hidden @ rows.to(hidden.dtype).T
-                          for rows in weight.split(VOCAB_CHUNK)], dim=-1)
+        out = hidden.new_empty(*hidden.shape[:-1], len(weight))  # no second copy of the logits
+        for start in range(0, len(weight), VOCAB_CHUNK):
+            rows = weight[start:start + VOCAB_CHUNK]
+            out[..., start:start + len(rows)] = hidden @ rows.to(hidden.dtype).T
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -287,10 +314,9 @@ def upcast_vocab(model: Any, config: ModelConfig) -> Any:
     as float32 weights did before `compute_in`, rather than upcast on every forward
     pass (generation makes one per new token; SmolLM2 spent a quarter of its time on it)."""
     if config.quantization is not None and config.kind == "causal":
-        dtype = compute_dtype(config.quantization, device_for(config))
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None:
-                module.weight.data = module.weight.data.to(dtype)
+            if module is not None and hasattr(module, VOCAB_DTYPE):
+                module.weight.data = module.weight.data.to(_vocab_dtype(module))
     return model
 
 
@@ -383,7 +409,8 @@ def _freeze_for_kbit_training(model: Any) -> None:
     """Freeze a quantized base and upcast its small half-precision weights (norms, biases) to
     float32, as peft's `prepare_model_for_kbit_training` does, except the vocabulary matrices:
     peft upcasts those too, doubling the largest unquantized weights (2 GiB more for a
-    128K-vocabulary 8B model); they stay as stored and compute as `compute_in` set up."""
+    128K-vocabulary 8B model). They stay as stored and compute in float32, as peft's would:
+    the same embeddings and logits, without a float32 copy of either."""
     vocabulary = {id(module.weight) for module in (model.get_input_embeddings(),
                                                    model.get_output_embeddings())
                   if module is not None}
@@ -392,6 +419,7 @@ def _freeze_for_kbit_training(model: Any) -> None:
         if (param.dtype in (torch.float16, torch.bfloat16) and id(param) not in vocabulary
                 and type(param).__name__ != "Params4bit"):
             param.data = param.data.float()
+    vocab_computes_in(model, torch.float32)
 
 
 def with_adapter(model: Any, adapter_dir: str | Path) -> Any:

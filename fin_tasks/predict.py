@@ -302,7 +302,7 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
     `dequantize`: a 4-bit base computes from its dequantized weights (`PredictConfig`)."""
     if variant == "full":
         check_trained_weights(train_dir / "model")
-        return load_base(config, BaseRef(str(train_dir / "model")), labels)
+        return upcast_vocab(load_base(config, BaseRef(str(train_dir / "model")), labels), config)
     if variant == "merged":
         base = dequantized(load_base(config, read_base_ref(base_dir), labels), config)
         return with_adapter(base, train_dir / "adapter").merge_and_unload()
@@ -369,7 +369,8 @@ def predict_merge(merge: MergeInputs, prepared_dir: str | Path, base_dir: str | 
         loaders[f"+{run}"] = partial(_with_saved_adapter, config, base_dir,
                                      train_root / run / "adapter", task.labels,
                                      settings.dequantize)
-    loaders["merged"] = lambda: load_base(merged, BaseRef(str(merge_dir / "model")), task.labels)
+    loaders["merged"] = lambda: upcast_vocab(
+        load_base(merged, BaseRef(str(merge_dir / "model")), task.labels), merged)
     predictors = {variant: partial(_model_predictor, load, tokenizer_dir, task, config,
                                    settings, max_length)
                   for variant, load in loaders.items()}

@@ -318,6 +318,42 @@ def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -
         torch.testing.assert_close(grad, upcast_grads[name], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("compute", ["float32", "bfloat16"])
+def test_stored_vocabulary_trains_as_peft_preparation_does(workspace, compute) -> None:
+    """peft's `prepare_model_for_kbit_training` upcasts the vocabulary matrices to float32;
+    ours keeps them in bfloat16, and the loss and every adapter gradient are peft's: with a
+    float32 compute dtype (this CPU) and with bfloat16 (a GPU's), where the embeddings and
+    logits must stay float32 as peft's are."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    params = make_params({"dtype": "bfloat16", "quantization": QUANT | {"compute_dtype": compute}})
+    config, ref = params.models["tiny"], read_base_ref(workspace / "base" / "tiny")
+    torch.manual_seed(0)
+    ours = with_lora(load_base(config, ref), config)
+    torch.manual_seed(0)
+    theirs = get_peft_model(prepare_model_for_kbit_training(load_base(config, ref), False),
+                            lora_config(config.lora, config.kind))
+    for model, dtype in ((ours, torch.bfloat16), (theirs, torch.float32)):
+        assert model.get_base_model().get_output_embeddings().weight.dtype == dtype
+    tokenizer = load_tokenizer(ref)
+    rows = read_jsonl(workspace / "prepare" / "finarg_ecc" / "train.jsonl")[:4]
+    batch = collate(encode(rows, tokenizer, config, 128), tokenizer.pad_token_id,
+                    torch.device("cpu"))
+    results = []
+    for model in (ours, theirs):
+        model.eval()  # no dropout masks
+        logits = model(input_ids=batch["input_ids"]).logits
+        loss, _ = loss_sum(model, batch)
+        loss.backward()
+        results.append((logits.dtype, loss.detach(),
+                        {k: p.grad for k, p in model.named_parameters() if p.requires_grad}))
+    (dtype, loss, grads), (peft_dtype, peft_loss, peft_grads) = results
+    assert dtype == peft_dtype == torch.float32 and grads.keys() == peft_grads.keys()
+    torch.testing.assert_close(loss, peft_loss, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, peft_grads[name], rtol=1e-4, atol=1e-6)
+
+
 PEAK_RESET = """
 import torch
 from fin_tasks.models import peak_memory_bytes, reset_peak_memory
