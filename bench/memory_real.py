@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -111,7 +110,7 @@ def run_child(args: argparse.Namespace, model: str, mode: str, *extra: str) -> d
     """Run one mode in a fresh process; its JSON line, if it prints one."""
     out = subprocess.run([sys.executable, __file__, "--base", args.base, "--rows",
                           str(args.rows), "--model", model, "--mode", mode, *extra],
-                         check=True, capture_output=True, text=True, env=os.environ).stdout
+                         check=True, capture_output=True, text=True).stdout
     lines = out.strip().splitlines()
     return json.loads(lines[-1]) if lines else {}
 

@@ -233,8 +233,6 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
 
 
 VOCAB_CHUNK = 16_384  # output-layer rows upcast at a time: 56 MiB of float32 for a 896-wide model
-
-
 VOCAB_DTYPE = "fin_tasks_vocab_dtype"  # attribute of the two modules: the dtype they compute in
 
 
@@ -309,14 +307,13 @@ class _UpcastLinear(torch.autograd.Function):
         return sum(part @ rows.to(grad.dtype) for part, rows in parts), None
 
 
-def upcast_vocab(model: Any, config: ModelConfig) -> Any:
-    """For inference: a quantized causal LM's vocabulary matrices in its compute dtype once,
-    as float32 weights did before `compute_in`, rather than upcast on every forward
-    pass (generation makes one per new token; SmolLM2 spent a quarter of its time on it)."""
-    if config.quantization is not None and config.kind == "causal":
-        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if module is not None and hasattr(module, VOCAB_DTYPE):
-                module.weight.data = module.weight.data.to(_vocab_dtype(module))
+def upcast_vocab(model: Any) -> Any:
+    """For inference: the vocabulary matrices that `compute_in` set up, converted once to the
+    dtype they compute in, rather than upcast on every forward pass (generation makes one
+    per new token; SmolLM2 spent a quarter of its time on it). Other models are unchanged."""
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        if module is not None and hasattr(module, VOCAB_DTYPE):
+            module.weight.data = module.weight.data.to(_vocab_dtype(module))
     return model
 
 

@@ -302,7 +302,7 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
     `dequantize`: a 4-bit base computes from its dequantized weights (`PredictConfig`)."""
     if variant == "full":
         check_trained_weights(train_dir / "model")
-        return upcast_vocab(load_base(config, BaseRef(str(train_dir / "model")), labels), config)
+        return upcast_vocab(load_base(config, BaseRef(str(train_dir / "model")), labels))
     if variant == "merged":
         base = dequantized(load_base(config, read_base_ref(base_dir), labels), config)
         return with_adapter(base, train_dir / "adapter").merge_and_unload()
@@ -370,7 +370,7 @@ def predict_merge(merge: MergeInputs, prepared_dir: str | Path, base_dir: str | 
                                      train_root / run / "adapter", task.labels,
                                      settings.dequantize)
     loaders["merged"] = lambda: upcast_vocab(
-        load_base(merged, BaseRef(str(merge_dir / "model")), task.labels), merged)
+        load_base(merged, BaseRef(str(merge_dir / "model")), task.labels))
     predictors = {variant: partial(_model_predictor, load, tokenizer_dir, task, config,
                                    settings, max_length)
                   for variant, load in loaders.items()}
@@ -383,7 +383,7 @@ def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path |
                         labels: tuple[str, ...], dequantize: bool) -> Any:
     """The base (dequantized if asked), carrying the adapter in `adapter_dir` if one."""
     base = load_base(config, read_base_ref(base_dir), labels)
-    base = dequantized(base, config) if dequantize else upcast_vocab(base, config)
+    base = dequantized(base, config) if dequantize else upcast_vocab(base)
     return base if adapter_dir is None else with_adapter(base, adapter_dir)
 
 

@@ -278,6 +278,14 @@ class _Vocab(torch.nn.Module):
         return self.head
 
 
+def _four_rows(workspace: Path, ref, config) -> dict[str, torch.Tensor]:
+    """A batch of the first four prepared Task 1 train rows, encoded for `config`."""
+    tokenizer = load_tokenizer(ref)
+    rows = read_jsonl(workspace / "prepare" / "finarg_ecc" / "train.jsonl")[:4]
+    return collate(encode(rows, tokenizer, config, 128), tokenizer.pad_token_id,
+                   torch.device("cpu"))
+
+
 def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -> None:
     """QLoRA with the vocabulary matrices stored in bfloat16 and computing in float32: they
     stay bfloat16 (peft's preparation would upcast them), the norms are upcast, the 4-bit
@@ -296,10 +304,7 @@ def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -
     linear = base.model.layers[0].mlp.up_proj.weight  # quantized from bfloat16 weights
     assert linear.quant_state.dtype == torch.float32  # yet dequantized for the backward in float32
     assert all("lora_" in k for k, p in model.named_parameters() if p.requires_grad)
-    tokenizer = load_tokenizer(ref)
-    rows = read_jsonl(workspace / "prepare" / "finarg_ecc" / "train.jsonl")[:4]
-    batch = collate(encode(rows, tokenizer, config, 128), tokenizer.pad_token_id,
-                    torch.device("cpu"))
+    batch = _four_rows(workspace, ref, config)
     model.eval()  # no dropout: the two passes draw no masks
 
     def loss_and_grads() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -310,7 +315,7 @@ def test_bfloat16_vocabulary_matrices_train_as_their_float32_upcast(workspace) -
                                if p.requires_grad}
 
     loss, grads = loss_and_grads()
-    upcast_vocab(base, config)  # as prediction loads it: float32 once, not at every forward
+    upcast_vocab(base)  # as prediction loads it: float32 once, not at every forward
     assert [w.dtype for w in vocab] == [torch.float32] * 2
     upcast_loss, upcast_grads = loss_and_grads()
     torch.testing.assert_close(loss, upcast_loss, rtol=1e-5, atol=1e-5)
@@ -335,10 +340,7 @@ def test_stored_vocabulary_trains_as_peft_preparation_does(workspace, compute) -
                             lora_config(config.lora, config.kind))
     for model, dtype in ((ours, torch.bfloat16), (theirs, torch.float32)):
         assert model.get_base_model().get_output_embeddings().weight.dtype == dtype
-    tokenizer = load_tokenizer(ref)
-    rows = read_jsonl(workspace / "prepare" / "finarg_ecc" / "train.jsonl")[:4]
-    batch = collate(encode(rows, tokenizer, config, 128), tokenizer.pad_token_id,
-                    torch.device("cpu"))
+    batch = _four_rows(workspace, ref, config)
     results = []
     for model in (ours, theirs):
         model.eval()  # no dropout masks
