@@ -327,6 +327,33 @@ class Hyper(Strict):
     """Keep the adapter of the best validation pass rather than the last."""
 
 
+class HeadConfig(Strict):
+    """Label-supervised fine-tuning of a causal LM (`fin_tasks.heads`): a linear head over the
+    task's labels reads the last real token's hidden state; no generation."""
+
+    body: Literal["lora", "frozen"] = "lora"
+    """`lora`: the model's LoRA adapters train with the head; `frozen`: the head alone (a
+    linear probe, which says how much the LoRA adds)."""
+    template: str = "{text}"
+    """The input the head reads: a format string over the record's `text` and `query`."""
+    chat_template: bool = False
+    """Render the filled template as the tokenizer's chat user turn (with its prompt)."""
+
+    @model_validator(mode="after")
+    def _known_fields(self) -> HeadConfig:
+        import string
+
+        try:
+            names = {n for _, n, _, _ in string.Formatter().parse(self.template) if n is not None}
+        except ValueError as error:
+            raise ValueError(f"head.template is not a format string: {error}") from None
+        unknown = sorted(names - {"text", "query"})
+        if unknown or not names:
+            raise ValueError(f"head.template may name {{text}} and {{query}} (and must name one); "
+                             f"it names {', '.join(unknown) or 'neither'}")
+        return self
+
+
 class Run(Strict):
     """One training run: a model on a task, with hyper-parameter overrides."""
 
@@ -336,6 +363,9 @@ class Run(Strict):
     """Name of an entry in `tasks`."""
     hyper: dict[str, Any] = {}
     """Overrides of `train.defaults` for this run."""
+    head: HeadConfig | None = None
+    """A causal LM learns a label head instead of generating its answer (classification and
+    multiple-choice tasks); predicts the `head` variant."""
     zero_shot: bool = False
     """Train nothing: the base model answers as it is (predict's `base` variant only)."""
     predict_splits: tuple[Literal["valid", "test"], ...] | None = None
@@ -523,6 +553,8 @@ class Params(Strict):
             if run.zero_shot and self.models[run.model].kind != "causal":
                 raise ValueError(f"train.runs.{name}.zero_shot: only a causal LM answers "
                                  f"without training, not a '{self.models[run.model].kind}'")
+            if run.head is not None:
+                self._check_head(name, run)
             if self.tasks[run.task].kind.training == "text" and \
                     self.models[run.model].kind == "encoder":
                 raise ValueError(f"train.runs.{name}: continual pre-training on '{run.task}' "
@@ -546,6 +578,20 @@ class Params(Strict):
         return self
 
 
+    def _check_head(self, name: str, run: Run) -> None:
+        model = self.models[run.model]
+        if model.kind != "causal":
+            raise ValueError(f"train.runs.{name}.head: a label head goes on a causal LM, not a "
+                             f"'{model.kind}' (an encoder has its own classification head)")
+        if run.zero_shot:
+            raise ValueError(f"train.runs.{name}: a head is trained; it cannot be zero_shot")
+        if self.tasks[run.task].kind.prediction != "label":
+            raise ValueError(f"train.runs.{name}.head: task '{run.task}' is a "
+                             f"{self.tasks[run.task].kind.name} task; a head predicts labels")
+        if run.head.body == "lora" and model.lora is None:
+            raise ValueError(f"train.runs.{name}.head.body: 'lora' needs models.{run.model}.lora "
+                             "(or set body: frozen)")
+
     def _check_merge(self, name: str, merge: MergeConfig) -> None:
         if name in self.train.runs:
             raise ValueError(f"merge.{name}: a train run has the same name (outputs would clash)")
@@ -556,6 +602,9 @@ class Params(Strict):
             if run not in self.train.runs:
                 raise ValueError(f"merge.{name}.adapters: unknown train run '{run}'")
             model = self.models[self.train.runs[run].model]
+            if self.train.runs[run].head is not None:
+                raise ValueError(f"merge.{name}.adapters: run '{run}' trains a label head; "
+                                 "only language-model adapters merge")
             if model.kind != "causal" or model.lora is None:
                 raise ValueError(f"merge.{name}.adapters: run '{run}' has no LoRA adapter to "
                                  f"merge (model kind {model.kind}, lora {model.lora})")

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from fin_tasks.config import ModelConfig
-from fin_tasks.prompting import IGNORE, encode_example
+from fin_tasks.config import HeadConfig, ModelConfig
+from fin_tasks.prompting import IGNORE, cut_prompt, encode_example, encode_texts, head_text
 from fin_tasks.tasks import Task
 
 
@@ -33,11 +33,11 @@ class Example:
 
 
 def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int,
-                  use_chat_template: bool = True) -> list[Example]:
+                  use_chat_template: bool = True, max_new_tokens: int = 20) -> list[Example]:
     """Prompt, then answer and its closing token(s), rendered as the chat template does (see
     `prompting.encode_example`); labels only on the answer."""
-    return [Example(*encode_example(record, tokenizer, max_length, use_chat_template))
-            for record in records]
+    return [Example(*encode_example(record, tokenizer, max_length, use_chat_template,
+                                    max_new_tokens)) for record in records]
 
 
 def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
@@ -46,6 +46,17 @@ def encode_encoder(records: Sequence[dict[str, Any]], tokenizer: Any,
     encoded = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)
     return [Example(ids, IGNORE if r.get("gold") is None else int(r["gold"]))
             for ids, r in zip(encoded["input_ids"], records)]
+
+
+def encode_head(records: Sequence[dict[str, Any]], tokenizer: Any, head: HeadConfig,
+                max_length: int) -> list[Example]:
+    """A label head's input (its template filled in, a BOS where the tokenizer puts one),
+    cut to `max_length` keeping both ends, and the gold class index (IGNORE when unlabeled).
+    Training and prediction both encode through here."""
+    rows = encode_texts(tokenizer, [head_text(r, tokenizer, head.template, head.chat_template)
+                                    for r in records])
+    return [Example(cut_prompt(ids, max_length), IGNORE if r.get("gold") is None
+                    else int(r["gold"])) for ids, r in zip(rows, records)]
 
 
 def encode_corpus(records: Sequence[dict[str, Any]], tokenizer: Any,
@@ -64,13 +75,18 @@ def encode_corpus(records: Sequence[dict[str, Any]], tokenizer: Any,
 
 
 def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfig,
-           max_length: int, task: Task | None = None) -> list[Example]:
-    """Tokenize records the way this model kind trains on this task."""
+           max_length: int, task: Task | None = None,
+           head: HeadConfig | None = None) -> list[Example]:
+    """Tokenize records the way this model kind trains on this task (with a label head
+    when the run has one)."""
+    if head is not None:
+        return encode_head(records, tokenizer, head, max_length)
     if config.kind == "encoder":
         return encode_encoder(records, tokenizer, max_length)
     if task is not None and task.kind.training == "text":
         return encode_corpus(records, tokenizer, max_length)
-    return encode_causal(records, tokenizer, max_length, config.chat_template)
+    return encode_causal(records, tokenizer, max_length, config.chat_template,
+                         task.max_new_tokens if task is not None else 20)
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device,

@@ -402,6 +402,18 @@ def with_lora(model: Any, config: ModelConfig) -> Any:
     return get_peft_model(model, lora_config(config.lora, config.kind))
 
 
+def frozen_as_in_training(model: Any, config: ModelConfig) -> Any:
+    """A freshly loaded base frozen, with the dtypes training gives it: a quantized base's
+    norms and biases in float32 and its vocabulary computing in float32
+    (`_freeze_for_kbit_training`). Prediction loads a trained adapter or head onto this, so it
+    computes what training computed."""
+    if config.quantization is not None:
+        _freeze_for_kbit_training(model)
+    else:
+        model.requires_grad_(False)
+    return model
+
+
 def _freeze_for_kbit_training(model: Any) -> None:
     """Freeze a quantized base and upcast its small half-precision weights (norms, biases) to
     float32, as peft's `prepare_model_for_kbit_training` does, except the vocabulary matrices:

@@ -16,19 +16,20 @@ from typing import Any
 
 import torch
 
-from fin_tasks.config import BASELINE_KINDS, ModelConfig, PredictConfig
-from fin_tasks.encoding import Example, collate, encode_corpus, encode_encoder
+from fin_tasks.config import BASELINE_KINDS, HeadConfig, ModelConfig, PredictConfig
+from fin_tasks.encoding import Example, collate, encode_corpus, encode_encoder, encode_head
 from fin_tasks.errors import ModelError
+from fin_tasks.heads import load_head
 from fin_tasks.models import (MIN_SHARED_PREFIX, BaseRef, cache_argument,
-                              check_trained_weights, dequantized, load_base, load_tokenizer,
-                              read_base_ref, returned_cache, shared_prefix_cache, upcast_vocab,
-                              with_adapter)
+                              check_trained_weights, dequantized, frozen_as_in_training,
+                              load_base, load_tokenizer, read_base_ref, returned_cache,
+                              shared_prefix_cache, upcast_vocab, with_adapter)
 from fin_tasks.predictions import (parse, predict_baseline, variants_for,
                                    write_predictions)
 from fin_tasks.runs import MergeInputs, RunInputs
 from fin_tasks.tasks import Task
-from fin_tasks.prompting import (IGNORE, answer_separator, encode_texts, end_of_turn_id,
-                                 keep_ends, render_prompt)
+from fin_tasks.prompting import (IGNORE, answer_ending, answer_separator, cut_prompt,
+                                 encode_texts, end_of_turn_id, prompt_budget, render_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,17 @@ def _batches(sizes: Sequence[int], batch_size: int, batch_tokens: int | None) ->
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
-             batch_size: int = 16, batch_tokens: int | None = None) -> list[str]:
+             batch_size: int = 16, batch_tokens: int | None = None,
+             prompt_budget: int | None = None) -> list[str]:
     """Greedy continuations of `prompts` (new text only), in input order.
 
-    Prompts longer than the model's context (less the new tokens) lose their middle.
+    Prompts longer than `prompt_budget` tokens (the training run's, `prompting.prompt_budget`)
+    or than the model's context less the new tokens lose their middle, as in training.
     Batches are length-sorted, capped in rows and padded tokens (`_batches`) and
     left-padded; a row that reaches a stop token leaves the batch (its cache rows are
     dropped), so one long answer does not keep the others going."""
-    budget = _context(model) - max_new_tokens
-    encoded = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
+    budget = min(_context(model) - max_new_tokens, prompt_budget or 1 << 30)
+    encoded = [cut_prompt(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     device = next(model.parameters()).device
     stops = _stop_ids(model, tokenizer)
     model.eval()
@@ -190,19 +193,22 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
 @torch.no_grad()
 def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: Sequence[str],
                   batch_size: int = 16, separator: str = " ",
-                  batch_tokens: int | None = None) -> list[list[float]]:
-    """Log-likelihood of each choice (as `separator` + choice: " choice" after the
-    organizers' `Answer:`, "choice" after a chat template's generation prompt) after each
-    prompt, in input order.
+                  batch_tokens: int | None = None, ending: Sequence[int] = (),
+                  prompt_budget: int | None = None) -> list[list[float]]:
+    """Mean log-likelihood per token of each choice (as `separator` + choice + `ending`:
+    " choice" after the organizers' `Answer:`, "choice" after a chat template's generation
+    prompt; `ending` the answer's closing token, so that a label that is a prefix of another
+    is not favoured) after each prompt, in input order. The mean, not the sum, keeps labels
+    of different token lengths comparable.
 
     Each prompt runs once (left-padded, with explicit positions) and its key/value cache is
     shared by all its choices, whose few tokens then run in one small batch: the cost is
     about one forward pass per prompt, whatever the number of choices.
     """
-    choice_ids = [tokenizer(separator + c, add_special_tokens=False)["input_ids"]
+    choice_ids = [tokenizer(separator + c, add_special_tokens=False)["input_ids"] + list(ending)
                   for c in choices]
-    budget = _context(model) - max(len(c) for c in choice_ids)
-    prompt_ids = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
+    budget = min(_context(model) - max(len(c) for c in choice_ids), prompt_budget or 1 << 30)
+    prompt_ids = [cut_prompt(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     device = next(model.parameters()).device
     model.eval()
     scores: dict[int, list[float]] = {}
@@ -212,7 +218,7 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
         first = torch.log_softmax(_next_logits_checked(out.logits[:, -1]).float(), dim=-1).cpu()
         rest = _continuations(model, returned_cache(out), mask, choice_ids, tokenizer, device)
         for n, i in enumerate(chunk):
-            scores[i] = [float(first[n, c[0]]) + rest[n * len(choice_ids) + k]
+            scores[i] = [(float(first[n, c[0]]) + rest[n * len(choice_ids) + k]) / len(c)
                          for k, c in enumerate(choice_ids)]
     return [scores[i] for i in range(len(prompts))]
 
@@ -280,17 +286,24 @@ def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], m
 
 @torch.no_grad()
 def classify(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
-             device: torch.device) -> list[int]:
-    """Class index predicted by a classification head for each example, in input order."""
+             device: torch.device) -> list[list[float]]:
+    """Class probabilities (softmax of a classification head's logits) of each example, in
+    input order; batches are length-sorted."""
     model.eval()
-    predicted: dict[int, int] = {}
+    predicted: dict[int, list[float]] = {}
     order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         batch = collate([examples[i] for i in chunk], pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted.update(zip(chunk, logits.argmax(-1).tolist()))
+        predicted.update(zip(chunk, torch.softmax(logits.float(), -1).tolist()))
     return [predicted[i] for i in range(len(examples))]
+
+
+def probabilities(scores: Sequence[float]) -> list[float]:
+    """A softmax over one row's label scores (mean log-likelihoods), rounded to 6 places."""
+    return [round(p, 6) for p in torch.softmax(torch.tensor(scores, dtype=torch.float64), -1)
+            .tolist()]
 
 
 # ---------------------------------------------------------------- the stage
@@ -303,6 +316,9 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
     if variant == "full":
         check_trained_weights(train_dir / "model")
         return upcast_vocab(load_base(config, BaseRef(str(train_dir / "model")), labels))
+    if variant == "head":
+        return load_head(load_base(config, read_base_ref(base_dir), labels), config,
+                         train_dir / "head", labels)
     if variant == "merged":
         base = dequantized(load_base(config, read_base_ref(base_dir), labels), config)
         return with_adapter(base, train_dir / "adapter").merge_and_unload()
@@ -312,31 +328,44 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
 
 def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
                 records: Sequence[dict[str, Any]], settings: PredictConfig, max_length: int,
-                ) -> list[dict[str, Any]]:
-    """Raw output and parsed label for each record, in input order (for a corpus: the text's
-    log-likelihood). Encoders and corpora see their text cut at the training run's
-    `max_length`, as in training."""
-    if config.kind == "encoder":
-        examples = encode_encoder(records, tokenizer, max_length)
-        classes = classify(model, examples, settings.batch_size, tokenizer.pad_token_id,
-                           next(model.parameters()).device)
-        return [{"output": task.labels[c], "label": task.labels[c]} for c in classes]
+                head: HeadConfig | None = None) -> list[dict[str, Any]]:
+    """Raw output and parsed label for each record, in input order, with the labels'
+    probabilities for a classifier (for a corpus: the text's log-likelihood). Inputs are
+    encoded and cut at the training run's `max_length` as in training."""
+    if config.kind == "encoder" or head is not None:
+        examples = encode_head(records, tokenizer, head, max_length) if head is not None \
+            else encode_encoder(records, tokenizer, max_length)
+        return [_labelled(task, probs) for probs in classify(
+            model, examples, settings.batch_size, tokenizer.pad_token_id,
+            next(model.parameters()).device)]
     if task.kind.prediction == "loss":
         return [{"output": "", "label": None, "nll": round(nll, 4), "tokens": tokens}
                 for nll, tokens in text_losses(model, tokenizer, records, max_length,
                                                settings.batch_size)]
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
-    if task.kind.prediction == "label" and settings.mode == "score":
-        rows = []
-        separator = answer_separator(tokenizer, config.chat_template)
-        for scores in score_choices(model, tokenizer, prompts, task.labels, settings.batch_size,
-                                    separator, settings.batch_tokens):
-            best = task.labels[max(range(len(scores)), key=scores.__getitem__)]
-            rows.append({"output": best, "label": best, "scores": [round(x, 4) for x in scores]})
-        return rows
+    budget = prompt_budget(max_length, task.max_new_tokens)
+    if task.kind.prediction != "label":
+        return [{"output": text, "label": None} for text in generate(
+            model, tokenizer, prompts, task.max_new_tokens, settings.batch_size,
+            settings.batch_tokens, budget)]
+    scores = score_choices(model, tokenizer, prompts, task.labels, settings.batch_size,
+                           answer_separator(tokenizer, config.chat_template),
+                           settings.batch_tokens, answer_ending(tokenizer, config.chat_template),
+                           budget)
+    if settings.mode == "score":
+        return [_labelled(task, probabilities(row)) | {"scores": [round(x, 4) for x in row]}
+                for row in scores]
     texts = generate(model, tokenizer, prompts, task.max_new_tokens, settings.batch_size,
-                     settings.batch_tokens)
-    return [{"output": text, "label": parse(task, text)} for text in texts]
+                     settings.batch_tokens, budget)
+    return [{"output": text, "label": parse(task, text), "probs": probabilities(row)}
+            for text, row in zip(texts, scores)]
+
+
+def _labelled(task: Task, probs: Sequence[float]) -> dict[str, Any]:
+    """A classifier's row: the most probable label (the first on a tie) and every label's
+    probability, in the task's label order."""
+    best = task.labels[max(range(len(probs)), key=probs.__getitem__)]
+    return {"output": best, "label": best, "probs": [round(p, 6) for p in probs]}
 
 
 def predict_run(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
@@ -346,9 +375,9 @@ def predict_run(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
     if config.kind in BASELINE_KINDS:
         return predict_baseline(run, prepared_dir, train_dir, out_dir)
     base_dir, train_dir = Path(base_dir), Path(train_dir)
-    predictors = {variant: partial(_predictor, variant, task, config, base_dir, train_dir,
-                                   settings, run.hyper.max_length)
-                  for variant in variants_for(config, settings, run.entry.zero_shot)}
+    predictors = {variant: partial(_predictor, variant, run, base_dir, train_dir)
+                  for variant in variants_for(config, settings, run.entry.zero_shot,
+                                              run.entry.head is not None)}
     return write_predictions(run.names, task, config, predictors, settings, prepared_dir, out_dir)
 
 
@@ -369,8 +398,8 @@ def predict_merge(merge: MergeInputs, prepared_dir: str | Path, base_dir: str | 
         loaders[f"+{run}"] = partial(_with_saved_adapter, config, base_dir,
                                      train_root / run / "adapter", task.labels,
                                      settings.dequantize)
-    loaders["merged"] = lambda: upcast_vocab(
-        load_base(merged, BaseRef(str(merge_dir / "model")), task.labels))
+    loaders["merged"] = lambda: upcast_vocab(frozen_as_in_training(
+        load_base(merged, BaseRef(str(merge_dir / "model")), task.labels), merged))
     predictors = {variant: partial(_model_predictor, load, tokenizer_dir, task, config,
                                    settings, max_length)
                   for variant, load in loaders.items()}
@@ -383,21 +412,24 @@ def _with_saved_adapter(config: ModelConfig, base_dir: Path, adapter_dir: Path |
                         labels: tuple[str, ...], dequantize: bool) -> Any:
     """The base (dequantized if asked), carrying the adapter in `adapter_dir` if one."""
     base = load_base(config, read_base_ref(base_dir), labels)
-    base = dequantized(base, config) if dequantize else upcast_vocab(base)
+    base = dequantized(base, config) if dequantize \
+        else upcast_vocab(frozen_as_in_training(base, config))
     return base if adapter_dir is None else with_adapter(base, adapter_dir)
 
 
-def _predictor(variant: str, task: Task, config: ModelConfig, base_dir: Path, train_dir: Path,
-               settings: PredictConfig, max_length: int,
+def _predictor(variant: str, run: RunInputs, base_dir: Path, train_dir: Path,
                ) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
     """A function from records to outputs, with its model loaded once."""
+    config, task, settings = run.model, run.task, run.predict
     return _model_predictor(partial(load_variant, variant, config, task.labels, base_dir,
                                     train_dir, settings.dequantize),
-                            train_dir / "tokenizer", task, config, settings, max_length)
+                            train_dir / "tokenizer", task, config, settings,
+                            run.hyper.max_length, run.entry.head)
 
 
 def _model_predictor(load: Callable[[], Any], tokenizer_dir: Path, task: Task,
                      config: ModelConfig, settings: PredictConfig, max_length: int,
+                     head: HeadConfig | None = None,
                      ) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
     """A function from records to outputs, with the model `load` returns loaded once."""
     model = load()
@@ -405,4 +437,4 @@ def _model_predictor(load: Callable[[], Any], tokenizer_dir: Path, task: Task,
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     return lambda records: outputs_for(task, config, model, tokenizer, records, settings,
-                                       max_length)
+                                       max_length, head)

@@ -27,10 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def variants_for(config: ModelConfig, settings: PredictConfig,
-                 zero_shot: bool = False) -> tuple[str, ...]:
-    """The model variants a trained run predicts with (a baseline's one is `baseline`)."""
+                 zero_shot: bool = False, head: bool = False) -> tuple[str, ...]:
+    """The model variants a trained run predicts with (a baseline's one is `baseline`, a
+    label head's `head`)."""
     if zero_shot:
         return ("base",)
+    if head:
+        return ("head",)
     if config.lora is None:
         return ("full",)
     if config.kind == "encoder":  # an encoder's head exists only with its adapter
@@ -48,12 +51,23 @@ def predictions_schema(task: Task) -> pa.DataFrameSchema:
     columns = {"id": pa.Column(str, unique=True), "output": pa.Column(str)}
     if task.kind.prediction == "label":
         columns["label"] = pa.Column(str, pa.Check.isin([*task.labels, MISSING]))
+        columns["probs"] = pa.Column(object, pa.Check(
+            lambda probs: is_distribution(probs, len(task.labels)), element_wise=True,
+            error=f"one probability per label ({len(task.labels)}), each in [0, 1], "
+                  "summing to 1"), required=False)
     elif task.kind.prediction == "loss":
         columns |= {"nll": pa.Column(float, pa.Check.ge(0)),
                     "tokens": pa.Column(int, pa.Check.ge(0))}
     else:
         columns["label"] = pa.Column(object, pa.Check(lambda s: s.isna()), nullable=True)
     return pa.DataFrameSchema(columns, strict=False)
+
+
+def is_distribution(probs: Any, size: int, tolerance: float = 1e-4) -> bool:
+    """Whether `probs` is a list of `size` probabilities summing to one (within rounding)."""
+    return (isinstance(probs, list) and len(probs) == size
+            and all(isinstance(p, (int, float)) and 0 <= p <= 1 for p in probs)
+            and abs(sum(probs) - 1) <= tolerance)
 
 
 def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
@@ -98,8 +112,12 @@ def predict_baseline(run: RunInputs, prepared_dir: str | Path, train_dir: str | 
     fitted = json.loads((Path(train_dir) / "baseline.json").read_text(encoding="utf-8"))
 
     def predictor(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        return [{"output": text, "label": parse(run.task, text)}
+        rows = [{"output": text, "label": parse(run.task, text)}
                 for text in baselines.outputs(fitted, records)]
+        if run.task.kind.prediction == "label":  # a rule is certain of its one answer
+            for row in rows:
+                row["probs"] = [float(label == row["label"]) for label in run.task.labels]
+        return rows
 
     return write_predictions(run.names, run.task, run.model, {"baseline": lambda: predictor},
                              run.predict, prepared_dir, out_dir)

@@ -42,6 +42,16 @@ def render_prompt(record: dict[str, Any], tokenizer: Any, use_chat_template: boo
     return record["query"]
 
 
+def head_text(record: dict[str, Any], tokenizer: Any, template: str,
+              use_chat_template: bool) -> str:
+    """What a label head reads for one record (`fin_tasks.heads`): its template filled with the
+    record's `text` and `query`, rendered as the chat template's user turn if asked."""
+    text = template.format_map({"text": record.get("text", ""), "query": record.get("query", "")})
+    if uses_template(tokenizer, use_chat_template):
+        return render_prompt({"query": text}, tokenizer, True)
+    return text
+
+
 def render_turn(query: str, answer: str, tokenizer: Any, use_chat_template: bool) -> Turn:
     """The prompt and the answer turn exactly as the template renders them (or, without
     one, the query, " answer" and the EOS token)."""
@@ -65,6 +75,15 @@ def answer_separator(tokenizer: Any, use_chat_template: bool) -> str:
     generation prompt, " " after the organizers' `Answer:`)."""
     turn = render_turn("q", "a", tokenizer, use_chat_template)
     return turn.answer[:-1]
+
+
+def answer_ending(tokenizer: Any, use_chat_template: bool) -> list[int]:
+    """The token that closes an answer as training teaches it (the template's end-of-turn,
+    else EOS): scored after each choice, so a label that is a prefix of another is not
+    favoured."""
+    closing = end_of_turn_id(tokenizer) if uses_template(tokenizer, use_chat_template) \
+        else tokenizer.eos_token_id
+    return [] if closing is None else [closing]
 
 
 def end_of_turn_id(tokenizer: Any) -> int | None:
@@ -109,17 +128,38 @@ def keep_ends(ids: list[int], budget: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
+def answer_reserve(max_new_tokens: int, max_length: int) -> int:
+    """Tokens of `max_length` kept for the answer: the task's generation budget, at most half
+    (at least one). Whatever the answer, a prompt gets the rest, in training and prediction
+    alike, so both see the same prompt tokens."""
+    return max(1, min(max_new_tokens, max_length // 2))
+
+
+def prompt_budget(max_length: int, max_new_tokens: int) -> int:
+    """The most prompt tokens a run's examples keep (`cut_prompt`), in training and prediction."""
+    return max_length - answer_reserve(max_new_tokens, max_length)
+
+
+def cut_prompt(ids: list[int], budget: int) -> list[int]:
+    """A prompt's token ids cut to `budget` (`keep_ends`): the one truncation of prompts,
+    shared by training and prediction."""
+    return keep_ends(ids, budget)
+
+
 def encode_example(record: dict[str, Any], tokenizer: Any, max_length: int,
-                   use_chat_template: bool) -> tuple[list[int], list[int]]:
-    """Token ids and labels of one instruction record: the prompt (not learned), then the
-    answer and its closing token(s) (learned). A long answer is cut to half the budget,
-    keeping its closing; a long prompt loses its middle."""
+                   use_chat_template: bool, max_new_tokens: int = 20,
+                   ) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one instruction record: the prompt (not learned), cut to
+    `prompt_budget` as prediction cuts it, then the answer and its closing token(s) (learned),
+    the answer cut to the reserve left, keeping its closing."""
     turn = render_turn(record["query"], record["answer"], tokenizer, use_chat_template)
     answer = tokenizer(turn.answer, add_special_tokens=False)["input_ids"]
     if uses_template(tokenizer, use_chat_template):
         closing = tokenizer(turn.closing, add_special_tokens=False)["input_ids"]
     else:
         closing = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    answer = answer[: max(1, max_length // 2 - len(closing))] + closing
-    prompt = keep_ends(encode_text(tokenizer, turn.prompt), max_length - len(answer))
+    reserve = answer_reserve(max_new_tokens, max_length)
+    answer = answer[: max(1, reserve - len(closing))] + closing
+    prompt = cut_prompt(encode_text(tokenizer, turn.prompt),
+                        prompt_budget(max_length, max_new_tokens))
     return prompt + answer, [IGNORE] * len(prompt) + answer

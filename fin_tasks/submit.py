@@ -129,7 +129,8 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     predictions = [by_id[t["id"]] for t in test]
     train_dir, base_dir = layout.trained(run), layout.base(spec.model)
     model = None
-    if config.kind == "causal" and params.submit.leakage_rows:
+    if config.kind == "causal" and params.submit.leakage_rows and variant != "head":
+        # (a label head reads no text's likelihood: the test does not apply to it)
         from fin_tasks.models import BaseRef, load_tokenizer
         from fin_tasks.predict import load_variant
 
@@ -184,8 +185,9 @@ def _bundle_model(target: Path, params: Params, run: str, variant: str, base_dir
     from fin_tasks.models import read_base_ref
 
     ref = read_base_ref(base_dir)
-    if variant != "base":
-        shutil.copytree(train_dir / "adapter", target / "adapter")
+    if variant != "base":  # the adapter, or a label head with its adapter
+        folder = "head" if variant == "head" else "adapter"
+        shutil.copytree(train_dir / folder, target / folder)
     base_info = {"source": config.source, "revision": config.revision,
                  "quantization": config.quantization.model_dump() if config.quantization else None,
                  "merge": variant == "merged"}

@@ -30,6 +30,7 @@ from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, s
 from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig
 from fin_tasks.encoding import Example, collate, encode
 from fin_tasks.events import emit
+from fin_tasks.heads import with_label_head
 from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument,
                               data_parallel, device_for, forward_takes, load_base,
                               load_tokenizer, peak_memory_bytes, read_base_ref,
@@ -215,12 +216,14 @@ def train(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
     _seed_everything(hyper.seed)
     ref = read_base_ref(base_dir)
     tokenizer = load_tokenizer(ref)
-    model = with_lora(load_base(config, ref, task.labels), config)
+    base = load_base(config, ref, task.labels)
+    head = run.entry.head
+    model = with_label_head(base, config, head, task.labels) if head else with_lora(base, config)
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     train_set, valid_set = (encode(training_records(prepared_dir / f"{split}.jsonl", task),
-                                   tokenizer, config, hyper.max_length, task)
+                                   tokenizer, config, hyper.max_length, task, head)
                             for split in ("train", "valid"))
     loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config,
                  rank, world)
@@ -276,6 +279,7 @@ def _fingerprint(run: RunInputs, hyper: Hyper, prepared_dir: Path, base_dir: Pat
     """Content hash of everything that shapes a run: its config, data and base."""
     digest = hashlib.sha256()
     digest.update(json.dumps({"hyper": hyper.model_dump(), "processes": world,
+                              "head": run.entry.head and run.entry.head.model_dump(),
                               "model": run.model.model_dump(mode="json"),
                               "task": run.task_config.model_dump(mode="json")},
                              sort_keys=True).encode())
@@ -314,7 +318,7 @@ class _Loop:
         self.valid_history: list[dict[str, Any]] = []
         self.best_state: dict[str, torch.Tensor] | None = None
         self._epoch_cache: dict[int, list[list[int]]] = {}
-        self.higher_is_better = config.kind == "encoder"
+        self.higher_is_better = isinstance(train_set[0].labels, int)  # a classifier's F1
 
     def micro_batch(self, index: int) -> list[Example]:
         """The index-th micro-batch of the stream (epochs follow each other)."""
@@ -494,6 +498,14 @@ def _optimizer(model: Any, hyper: Hyper) -> torch.optim.Optimizer:
         return torch.optim.AdamW(groups, weight_decay=hyper.weight_decay)
 
 
+def weights_folder(run: RunInputs) -> str:
+    """The folder of a run's trained weights: `head` (a label head, with its adapter),
+    `adapter` (LoRA) or `model` (every weight)."""
+    if run.entry.head is not None:
+        return "head"
+    return "adapter" if run.model.lora else "model"
+
+
 def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
           out_dir: str | Path, record: dict[str, Any]) -> dict[str, Any]:
     """Write weights (the best step's when `select_best`), tokenizer, the run's record
@@ -514,7 +526,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
         "peak_memory_bytes": peak_memory_bytes(loop.device),
         "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
     }
-    weights = "adapter" if run.model.lora else "model"
+    weights = weights_folder(run)
     with atomic_dir(out_dir) as scratch:
         model.save_pretrained(scratch / weights, safe_serialization=True)
         tokenizer.save_pretrained(scratch / "tokenizer")
