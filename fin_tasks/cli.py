@@ -121,6 +121,21 @@ def _merges(args: argparse.Namespace) -> Iterator[tuple[MergeInputs, Layout]]:
         yield resolve_merge(params, name), layout
 
 
+def _ensemble(args: argparse.Namespace) -> None:
+    from fin_tasks.ensemble import build_ensemble
+    from fin_tasks.tasks import task_from_config
+
+    params, layout = load_params(args.params), Layout(Path(args.out_dir))
+    for name in _selected(args.ensemble, params.ensemble, args.params, "ensemble"):
+        config = params.ensemble[name]
+        record = build_ensemble(name, config, task_from_config(config.task,
+                                                               params.tasks[config.task]),
+                                layout.prepared(config.task), layout.root / "predict",
+                                layout.ensembled(name))
+        print(f"ensemble {name}: {config.method} of {', '.join(record['members'])} (weights "
+              f"{record['weights']}) -> {layout.ensembled(name)}")
+
+
 def _predict(args: argparse.Namespace) -> None:
     for merge, layout in _merges(args):
         from fin_tasks.predict import predict_merge
@@ -148,7 +163,18 @@ def _predict(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from fin_tasks.evaluate import evaluate_merge, evaluate_run
+    from fin_tasks.evaluate import evaluate_ensemble, evaluate_merge, evaluate_run
+    from fin_tasks.tasks import task_from_config
+
+    if args.ensemble:
+        params, layout = load_params(args.params), Layout(Path(args.out_dir))
+        for name in _selected(args.ensemble, params.ensemble, args.params, "ensemble"):
+            task_name = params.ensemble[name].task
+            result = evaluate_ensemble(
+                name, task_from_config(task_name, params.tasks[task_name]), params.evaluate,
+                layout.prepared(task_name), layout.ensembled(name), layout.evaluation(name),
+                plots_dir=layout.plots("evaluate", name))
+            _print_evaluation(name, result, layout.evaluation(name))
 
     for merge, layout in _merges(args):
         name = merge.name
@@ -156,7 +182,7 @@ def _evaluate(args: argparse.Namespace) -> None:
                                 layout.merged(name), layout.predictions(name),
                                 layout.evaluation(name), plots_dir=layout.plots("evaluate", name))
         _print_evaluation(name, result, layout.evaluation(name))
-    if args.merge and not args.run:
+    if (args.merge or args.ensemble) and not args.run:
         return
     for run, layout in _runs(args):
         name = run.name
@@ -235,11 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs unless --merge is given)")
         sub.add_argument("--merge", action="append",
                          help="a merge's comparison: base, base + each adapter, merged")
+    evaluate.add_argument("--ensemble", action="append",
+                          help="an ensemble's predictions (out-of-fold on valid for a stack)")
+    ensemble = verbs.add_parser("ensemble", help="combine runs' class probabilities (mean, or "
+                                                 "a stacker fit on valid)")
+    ensemble.add_argument("--ensemble", action="append",
+                          help="ensemble name (repeatable; default all)")
     submit = verbs.add_parser("submit", help="build and validate a submission bundle per task")
     submit.add_argument("--task", action="append", help="task name (repeatable; default all)")
     report = verbs.add_parser("report", help="write the leaderboard (Markdown and CSV)")
     for sub, handler in ((corpus, _corpus), (questions, _questions), (base, _base),
                          (train, _train), (merge, _merge), (predict, _predict),
+                         (ensemble, _ensemble),
                          (evaluate, _evaluate), (submit, _submit), (report, _report)):
         sub.add_argument("--params", default="params.yaml", help="params file")
         sub.add_argument("--out-dir", default="outputs", help="root of stage outputs")
@@ -260,6 +293,8 @@ EXAMPLES = {
     "merge": "fin-tasks merge --merge numllm",
     "predict": "fin-tasks predict --run smollm2-finarg_ecc   (or --merge numllm)",
     "evaluate": "fin-tasks evaluate --run smollm2-finarg_ecc   (then: dvc metrics show)",
+    "ensemble": "fin-tasks ensemble --ensemble finarg_ecc-stack   (then: fin-tasks evaluate "
+                "--ensemble finarg_ecc-stack)",
     "submit": "fin-tasks submit --task finarg_ecc",
     "report": "fin-tasks report   (writes outputs/report/leaderboard.md)",
 }

@@ -513,6 +513,24 @@ class MergeConfig(Strict):
         return self.weights or (1.0,) * len(self.adapters)
 
 
+class EnsembleConfig(Strict):
+    """Several runs' class probabilities combined into one prediction (the `ensemble` stage)."""
+
+    task: str
+    """The classification (or multiple-choice) task the members predict."""
+    members: tuple[str, ...] = Field(min_length=2)
+    """Train runs, as `run` (its one trained variant) or `run/variant`."""
+    method: Literal["mean", "stack"] = "stack"
+    """mean: the members' probabilities averaged; stack: a logistic regression over them, fit
+    on valid (its valid score out-of-fold) and applied to test."""
+    folds: int = Field(5, ge=2)
+    """Folds of the out-of-fold valid predictions of a stack (stratified)."""
+    seed: int = Field(13, ge=0)
+    """Seed of the fold assignment."""
+    c: float = Field(1.0, gt=0)
+    """Inverse regularization strength of the stacker (scikit-learn's C)."""
+
+
 class Params(Strict):
     """The whole params.yaml."""
 
@@ -536,6 +554,9 @@ class Params(Strict):
     """Settings of the `submit` stage."""
     merge: dict[str, MergeConfig] = {}
     """Adapter merges, by name (the `merge` stage); names distinct from train runs."""
+    ensemble: dict[str, EnsembleConfig] = {}
+    """Ensembles of runs' probabilities, by name (the `ensemble` stage); names distinct from
+    train runs and merges."""
     schedule: dict[str, Any] = {}
     """The scheduled deployment of the pipeline flow: read and validated by the flows alone
     (`fin_tasks.schedule.ScheduleConfig`), so no stage depends on it and editing it reruns
@@ -571,6 +592,8 @@ class Params(Strict):
                                  f"corpus ({', '.join(self.corpus) or 'none defined'})")
         for name, merge in self.merge.items():
             self._check_merge(name, merge)
+        for name, ensemble in self.ensemble.items():
+            self._check_ensemble(name, ensemble)
         for name, model in self.models.items():
             for task in model.tiny.tokenizer_tasks if model.tiny else ():
                 if task not in self.tasks:
@@ -591,6 +614,26 @@ class Params(Strict):
         if run.head.body == "lora" and model.lora is None:
             raise ValueError(f"train.runs.{name}.head.body: 'lora' needs models.{run.model}.lora "
                              "(or set body: frozen)")
+
+    def _check_ensemble(self, name: str, ensemble: EnsembleConfig) -> None:
+        if name in self.train.runs or name in self.merge:
+            raise ValueError(f"ensemble.{name}: a train run or merge has the same name "
+                             "(outputs would clash)")
+        if ensemble.task not in self.tasks:
+            raise ValueError(f"ensemble.{name}.task: unknown task '{ensemble.task}'")
+        if self.tasks[ensemble.task].kind.prediction != "label":
+            raise ValueError(f"ensemble.{name}.task: '{ensemble.task}' is a "
+                             f"{self.tasks[ensemble.task].kind.name} task; an ensemble "
+                             "combines class probabilities")
+        runs = [member.partition("/")[0] for member in ensemble.members]
+        if len(set(ensemble.members)) != len(ensemble.members):
+            raise ValueError(f"ensemble.{name}.members: a member is listed twice")
+        for run in runs:
+            if run not in self.train.runs:
+                raise ValueError(f"ensemble.{name}.members: unknown train run '{run}'")
+            if self.train.runs[run].task != ensemble.task:
+                raise ValueError(f"ensemble.{name}.members: run '{run}' is trained on task "
+                                 f"'{self.train.runs[run].task}', not '{ensemble.task}'")
 
     def _check_merge(self, name: str, merge: MergeConfig) -> None:
         if name in self.train.runs:

@@ -15,7 +15,7 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv, write_json
 from fin_tasks.config import EvaluateConfig
-from fin_tasks.layout import EVALUATION_FILE
+from fin_tasks.layout import ENSEMBLE_RECORD, EVALUATION_FILE
 from fin_tasks.runs import MergeInputs, RunInputs
 from fin_tasks.tasks import Task
 
@@ -38,6 +38,18 @@ def evaluate_merge(merge: MergeInputs, prepared_dir: str | Path, merge_dir: str 
             "method": merge.config.method, "merge_check": record["check"]}
     return evaluate_predictions(info, merge.task, merge.evaluate, prepared_dir, predict_dir,
                                 out_dir, plots_dir)
+
+
+def evaluate_ensemble(name: str, task: Task, settings: EvaluateConfig,
+                      prepared_dir: str | Path, ensemble_dir: str | Path, out_dir: str | Path,
+                      plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """Score an ensemble's predictions; its record (members, weights, and how its valid
+    predictions were obtained: out-of-fold for a stack) is carried into evaluation.json."""
+    record = json.loads((Path(ensemble_dir) / ENSEMBLE_RECORD).read_text(encoding="utf-8"))
+    info = {key: record[key] for key in ("ensemble", "task", "method", "members", "weights",
+                                         "valid_scores")}
+    return evaluate_predictions(info, task, settings, prepared_dir, ensemble_dir, out_dir,
+                                plots_dir)
 
 
 def evaluate_predictions(info: dict[str, Any], task: Task, settings: EvaluateConfig,

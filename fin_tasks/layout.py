@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVALUATION_FILE = "evaluation.json"
+ENSEMBLE_VARIANT = "ensemble"  # the one prediction folder of an ensemble
+ENSEMBLE_RECORD = "ensemble.json"  # an ensemble's members, weights and how it was fit
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,10 @@ class Layout:
 
     def merged(self, name: str) -> Path:
         return self.root / "merge" / name
+
+    def ensembled(self, name: str) -> Path:
+        """An ensemble's combined predictions (`ensemble/<split>.jsonl`) and its record."""
+        return self.root / "ensemble" / name
 
     def predictions(self, key: str) -> Path:
         """Predictions of a train run, or of a merge's comparison (names never clash)."""

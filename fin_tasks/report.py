@@ -49,7 +49,9 @@ def leaderboard_rows(params: Params, layout: Layout,
         if run in failed:
             continue
         training = json.loads((layout.trained(run) / "metrics.json").read_text())
-        adapter = layout.trained(run) / "adapter" / "adapter_model.safetensors"
+        weights = (layout.trained(run) / "adapter" / "adapter_model.safetensors",
+                   layout.trained(run) / "head" / "head.safetensors")  # LoRA, or a label head
+        adapter = next((path for path in weights if path.exists()), weights[0])
         rows += _rows(params, layout, run, spec.task, spec.model, {
             "train_s": training.get("wall_s"),
             "peak_mib": round(training["peak_memory_bytes"] / 2**20)
@@ -63,6 +65,11 @@ def leaderboard_rows(params: Params, layout: Layout,
         rows += _rows(params, layout, name, merge.evaluate_on, model,
                       {"train_s": None, "peak_mib": None, "tokens_per_s": None,
                        "adapter_sha256": None})
+    for name, ensemble in params.ensemble.items():
+        if name not in failed:
+            rows += _rows(params, layout, name, ensemble.task, "ensemble",
+                          dict.fromkeys(("train_s", "peak_mib", "tokens_per_s",
+                                         "adapter_sha256")))
     return sorted(rows, key=lambda r: (r["task"], r["split"],
                                        kinds.get(r["kind"]).sort_key(r["score"])))
 
@@ -96,7 +103,7 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
     so instead of needing their outputs."""
     layout = Layout(Path(root))
     failed = failed or {}
-    unscored = [name for name in [*params.train.runs, *params.merge]
+    unscored = [name for name in [*params.train.runs, *params.merge, *params.ensemble]
                 if name not in failed and not (layout.evaluation(name) / EVALUATION_FILE).exists()]
     if unscored:  # e.g. only a merge's comparison was predicted and evaluated
         log.warning("report: no evaluation for %s; the leaderboard leaves them out",
@@ -116,6 +123,11 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
         (scratch / "leaderboard.md").write_text(
             markdown(params, layout, rows, submissions, failed, unscored), encoding="utf-8")
     return rows
+
+
+def _option(params: Params, name: str) -> str:
+    """The CLI option that selects a run, merge or ensemble."""
+    return "merge" if name in params.merge else "ensemble" if name in params.ensemble else "run"
 
 
 def _fmt(value: Any) -> str:
@@ -144,6 +156,20 @@ def _merge_lines(params: Params, layout: Layout, failed: dict[str, str]) -> list
                      f"{_fmt(check['limit'])}; the adapters move the base's logits by up to "
                      f"{check['adapter_effect_max']:.3g}")
     return lines + [""]
+
+
+def _ensemble_lines(params: Params, layout: Layout, skipped: dict[str, str]) -> list[str]:
+    """Each ensemble: its members and weights, and how its valid score was obtained."""
+    lines = []
+    for name in params.ensemble:
+        if name not in skipped:
+            record = layout.read_evaluation(name)
+            lines.append(f"- {name}: {record['method']} of " + ", ".join(
+                f"{m} ({w:.3f})" for m, w in zip(record["members"], record["weights"]))
+                + f"; valid: {record['valid_scores']}")
+    return ["## Ensembles", "", "Members with their weights (a stack's: its coefficients' "
+            "share). A stack's valid row is out-of-fold, so its valid score is an honest "
+            "estimate beside the members'.", "", *lines, ""] if lines else []
 
 
 def _tiny_note(params: Params, rows: list[dict[str, Any]]) -> list[str]:
@@ -183,6 +209,8 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
                     None else ""
                 flag = " (one class)" if r.get("single_class") and r["variant"] != "baseline" \
                     else ""
+                if r["model"] == "ensemble" and split == "valid":
+                    flag += " (see Ensembles)"
                 lines.append(f"| {rank} | {r['run']}{flag} | {r['variant']} | "
                              f"{_fmt(r['score'])}{ci} | "
                              + " | ".join(_fmt(r[c]) for c in columns)
@@ -203,10 +231,11 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
                                       for name, reason in sorted(failed.items())] + [""]
     if unscored:
         lines += ["## Not evaluated", ""] + [
-            f"- {name}: no `{EVALUATION_FILE}`; run `fin-tasks predict` and `fin-tasks evaluate` "
-            f"with `--{'merge' if name in params.merge else 'run'} {name}`" for name in unscored]
+            f"- {name}: no `{EVALUATION_FILE}`; run `fin-tasks predict` (or `ensemble`) and "
+            f"`fin-tasks evaluate` with `--{_option(params, name)} {name}`" for name in unscored]
         lines += [""]
-    lines += (_merge_lines(params, layout, (failed or {}) | dict.fromkeys(unscored, ""))
+    skipped = (failed or {}) | dict.fromkeys(unscored, "")
+    lines += (_merge_lines(params, layout, skipped) + _ensemble_lines(params, layout, skipped)
               + _tiny_note(params, rows))
     if submissions:
         lines += ["## Submissions", ""]

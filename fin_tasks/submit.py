@@ -21,7 +21,7 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
-from fin_tasks.layout import Layout
+from fin_tasks.layout import ENSEMBLE_RECORD, ENSEMBLE_VARIANT, Layout
 from fin_tasks.metrics import MISSING, perplexity
 from fin_tasks.tasks import Task, task_from_config
 
@@ -47,14 +47,29 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
             continue
         metrics = layout.read_evaluation(run)["metrics"]
         for variant, splits in metrics.items():
-            predicted_test = (layout.predictions(run) / variant / "test.jsonl").exists()
+            predicted_test = _predictions_file(params, layout, run, variant).exists()
             if choice.variant in ("auto", variant) and "valid" in splits and predicted_test:
                 candidates.append((splits["valid"][key], run, variant))
+    for name, ensemble in params.ensemble.items():
+        if ensemble.task != task_name or choice.run not in ("auto", name) or \
+                choice.variant not in ("auto", ENSEMBLE_VARIANT):
+            continue
+        splits = layout.read_evaluation(name)["metrics"].get(ENSEMBLE_VARIANT, {})
+        if "valid" in splits and _predictions_file(params, layout, name,
+                                                   ENSEMBLE_VARIANT).exists():
+            candidates.append((splits["valid"][key], name, ENSEMBLE_VARIANT))
     if not candidates:
         raise SubmissionError(f"submit.tasks.{task_name}: no evaluated run matches "
                               f"run={choice.run}, variant={choice.variant}")
     score, run, variant = min(candidates, key=lambda c: task.kind.sort_key(c[0]))
     return run, variant, score
+
+
+def _predictions_file(params: Params, layout: Layout, name: str, variant: str,
+                      split: str = "test") -> Path:
+    """Where a run's (or an ensemble's) predictions of a split are."""
+    folder = layout.ensembled(name) if name in params.ensemble else layout.predictions(name)
+    return folder / variant / f"{split}.jsonl"
 
 
 def validate_bundle(task: Task, test: Sequence[dict[str, Any]],
@@ -114,11 +129,9 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     layout = Layout(Path(root))
     task = task_from_config(task_name, params.tasks[task_name])
     run, variant, valid_score = choose(task_name, params, layout)
-    spec = params.train.runs[run]
-    config = params.models[spec.model]
     test = read_jsonl(layout.prepared(task_name) / "test.jsonl")
     evaluation = layout.read_evaluation(run)
-    predictions_file = layout.predictions(run) / variant / "test.jsonl"
+    predictions_file = _predictions_file(params, layout, run, variant)
     scored = evaluation.get("predictions", {}).get(f"{variant}/test.jsonl")
     if scored != sha256_file(predictions_file):
         raise SubmissionError(f"{predictions_file} is not the file `evaluate` scored for run "
@@ -127,22 +140,17 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     report = validate_bundle(task, test, rows)  # duplicates refused before any lookup by id
     by_id = {p["id"]: p for p in rows}
     predictions = [by_id[t["id"]] for t in test]
-    train_dir, base_dir = layout.trained(run), layout.base(spec.model)
-    model = None
-    if config.kind == "causal" and params.submit.leakage_rows and variant != "head":
-        # (a label head reads no text's likelihood: the test does not apply to it)
-        from fin_tasks.models import BaseRef, load_tokenizer
-        from fin_tasks.predict import load_variant
-
-        model = load_variant(variant, config, task.labels, base_dir, train_dir)
-        tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
-        train = read_jsonl(layout.prepared(task_name) / "train.jsonl")
-        report["leakage"] = leakage_test(model, tokenizer, train, test,
-                                         params.submit.leakage_rows)
+    ensemble = run in params.ensemble
+    model = None if ensemble else _leakage(task, params, layout, run, variant, test, report)
     with atomic_dir(out_dir) as scratch:
         _write_predictions(scratch / "predictions.csv", predictions, task)
-        bundled = _bundle_model(scratch / "model", params, run, variant, base_dir, train_dir,
-                                model, task.labels)
+        if ensemble:
+            bundled = _bundle_ensemble(scratch / "model", layout.ensembled(run))
+        else:
+            spec = params.train.runs[run]
+            bundled = _bundle_model(scratch / "model", params, run, variant,
+                                    layout.base(spec.model), layout.trained(run), model,
+                                    task.labels)
         card = model_card(task_name, params, run, variant, evaluation, report, bundled, layout)
         (scratch / "MODEL_CARD.md").write_text(card, encoding="utf-8")
         report |= {"task": task_name, "run": run, "variant": variant,
@@ -152,6 +160,53 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     log.info("submission %s: run %s (%s), %d rows -> %s", task_name, run, variant,
              len(predictions), out_dir)
     return report
+
+
+def _method_lines(params: Params, run: str, bundled: dict[str, Any]) -> list[str]:
+    """The model card's method of one train run: its model, weights, LoRA, head, settings."""
+    spec = params.train.runs[run]
+    config = params.models[spec.model]
+    return [f"- model entry `{spec.model}`: kind {config.kind}, source {config.source or '-'}"
+            f" (revision {config.revision or '-'})",
+            *([f"- weights: {config.gguf.origin}; licence {config.gguf.license}; "
+               f"GGUF sha256 {config.gguf.sha256}"] if config.gguf else []),
+            f"- quantization: "
+            f"{config.quantization.model_dump() if config.quantization else 'none'}",
+            f"- LoRA: {config.lora.model_dump() if config.lora else 'none (every weight)'}",
+            *([f"- label head: {spec.head.model_dump()} (a linear head over the labels on the "
+               "last real token's hidden state)"] if spec.head else []),
+            f"- hyper-parameters: {params.train.hyper(run).model_dump()}",
+            f"- bundled model: {bundled.get('kind')}"]
+
+
+def _leakage(task: Task, params: Params, layout: Layout, run: str, variant: str,
+             test: Sequence[dict[str, Any]], report: dict[str, Any]) -> Any:
+    """The organizers' leakage test of a causal LM's variant, into `report`; the model it
+    loaded (reused for a merged bundle), or None where the test does not apply (a label
+    head reads no text's likelihood)."""
+    spec = params.train.runs[run]
+    config = params.models[spec.model]
+    if config.kind != "causal" or not params.submit.leakage_rows or variant == "head":
+        return None
+    from fin_tasks.models import BaseRef, load_tokenizer
+    from fin_tasks.predict import load_variant
+
+    train_dir = layout.trained(run)
+    model = load_variant(variant, config, task.labels, layout.base(spec.model), train_dir)
+    tokenizer = load_tokenizer(BaseRef(str(train_dir / "tokenizer")))
+    train = read_jsonl(layout.prepared(task.name) / "train.jsonl")
+    report["leakage"] = leakage_test(model, tokenizer, train, test, params.submit.leakage_rows)
+    return model
+
+
+def _bundle_ensemble(target: Path, ensemble_dir: Path) -> dict[str, Any]:
+    """An ensemble's bundle: its record (members, weights, the stacker's coefficients); each
+    member's model is in that member's own bundle."""
+    target.mkdir(parents=True)
+    shutil.copy2(ensemble_dir / ENSEMBLE_RECORD, target / ENSEMBLE_RECORD)
+    record = json.loads((ensemble_dir / ENSEMBLE_RECORD).read_text(encoding="utf-8"))
+    return {"kind": "ensemble", "members": record["members"], "weights": record["weights"],
+            "method": record["method"]}
 
 
 def _write_predictions(path: Path, predictions: Sequence[dict[str, Any]], task: Task) -> None:
@@ -204,23 +259,21 @@ def model_card(task_name: str, params: Params, run: str, variant: str,
                evaluation: dict[str, Any], report: dict[str, Any], bundled: dict[str, Any],
                layout: Layout) -> str:
     """A Markdown model card: data, method and scores of the submitted model."""
-    spec = params.train.runs[run]
-    config = params.models[spec.model]
     manifest = json.loads((layout.prepared(task_name) / "manifest.json").read_text())
     lines = [f"# {task_name}: {run} ({variant})", "", "## Data", ""]
     for split, info in manifest["splits"].items():
         lines.append(f"- {split}: {info['rows']} rows ({info['origin']}); labels "
                      f"{info['labels'] or 'n/a'}")
-    lines += ["", "## Method", "",
-              f"- model entry `{spec.model}`: kind {config.kind}, source {config.source or '-'}"
-              f" (revision {config.revision or '-'})",
-              *([f"- weights: {config.gguf.origin}; licence {config.gguf.license}; "
-                 f"GGUF sha256 {config.gguf.sha256}"] if config.gguf else []),
-              f"- quantization: "
-              f"{config.quantization.model_dump() if config.quantization else 'none'}",
-              f"- LoRA: {config.lora.model_dump() if config.lora else 'none (every weight)'}",
-              f"- hyper-parameters: {params.train.hyper(run).model_dump()}",
-              f"- bundled model: {bundled.get('kind')}", "", "## Scores", ""]
+    lines += ["", "## Method", ""]
+    if bundled["kind"] == "ensemble":
+        lines += [f"- ensemble `{run}`: {bundled['method']} of the members' class "
+                  "probabilities; each member's own model card describes it", ""]
+        lines += [f"- member `{member}`: weight {weight}"
+                  for member, weight in zip(bundled["members"], bundled["weights"])]
+        lines += [f"- valid scores: {evaluation.get('valid_scores')}"]
+    else:
+        lines += _method_lines(params, run, bundled)
+    lines += ["", "## Scores", ""]
     for split, metrics in evaluation["metrics"].get(variant, {}).items():
         shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()
                  if not isinstance(v, dict)}

@@ -155,7 +155,8 @@ def test_each_stage_names_exactly_the_library_modules_it_imports(stage: str) -> 
         if dep.startswith("fin_tasks/"):
             deps |= ({str(p.relative_to(ROOT)) for p in (ROOT / dep).rglob("*.py")}
                      if (ROOT / dep).is_dir() else {dep})
-    module = {"predict_merge": "predict", "evaluate_merge": "evaluate"}.get(stage, stage)
+    module = {"predict_merge": "predict", "evaluate_merge": "evaluate",
+                  "evaluate_ensemble": "evaluate"}.get(stage, stage)
     needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{module}.py")}
     needed |= {f"fin_tasks/{module}.py", "fin_tasks/cli.py"} | _cli_top_level_modules()
     assert deps == needed, (f"dvc.yaml {stage}: deps lack {sorted(needed - deps)}, "
@@ -170,7 +171,8 @@ def test_no_stage_depends_on_the_schedule_section_or_its_module() -> None:
         assert "fin_tasks/schedule.py" not in stage.get("deps", []), name
         assert not any(key.split(".")[0] == "schedule" for key in stage.get("params", [])), name
     for stage in _dvc_stages():
-        module = {"predict_merge": "predict", "evaluate_merge": "evaluate"}.get(stage, stage)
+        module = {"predict_merge": "predict", "evaluate_merge": "evaluate",
+                  "evaluate_ensemble": "evaluate"}.get(stage, stage)
         closure = _imported_modules(ROOT / f"fin_tasks/{module}.py")
         closure |= _imported_modules(ROOT / "fin_tasks/cli.py")
         assert ROOT / "fin_tasks/schedule.py" not in closure, stage
@@ -256,8 +258,9 @@ def test_dvc_yaml_outputs_are_where_the_code_writes_them() -> None:
         "train": lambda k: {layout.trained(k), layout.plots("train", k)},
         "predict": lambda k: {layout.predictions(k)}, "merge": lambda k: {layout.merged(k)},
         "predict_merge": lambda k: {layout.predictions(k)},
+        "ensemble": lambda k: {layout.ensembled(k)},
         "submit": lambda k: {layout.submission(k)}, "report": lambda k: {layout.report()}}
-    for group in ("evaluate", "evaluate_merge"):
+    for group in ("evaluate", "evaluate_merge", "evaluate_ensemble"):
         where[group] = lambda k: {layout.evaluation(k) / "evaluation.json",
                                   layout.evaluation(k) / "metrics.json",
                                   layout.plots("evaluate", k)}

@@ -82,21 +82,48 @@ def test_a_token_cap_on_batches_changes_no_output(tiny) -> None:
         assert row == pytest.approx(expected, abs=1e-4)
 
 
+def test_prediction_cuts_a_long_prompt_exactly_as_training_does(tiny) -> None:
+    """One truncation for both: the prompt tokens generation and choice scoring read are the
+    prompt tokens of the training example."""
+    from fin_tasks.encoding import encode_causal
+    from fin_tasks.prompting import prompt_budget
+
+    model, tokenizer = tiny
+    record = {"query": "Text: " + "revenue grew again " * 150 + "\nAnswer:", "answer": "claim"}
+    (example,) = encode_causal([record], tokenizer, max_length=96, use_chat_template=False)
+    trained_prompt = [t for t, label in zip(example.input_ids, example.labels) if label == -100]
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
+    try:
+        budget = prompt_budget(96, 20)
+        generate(model, tokenizer, [record["query"]], max_new_tokens=2, prompt_budget=budget)
+        score_choices(model, tokenizer, [record["query"]], ["claim", "premise"],
+                      prompt_budget=budget)
+    finally:
+        hook.remove()
+    assert len(trained_prompt) < 96 and seen[0] == trained_prompt  # generation's prefill
+    assert seen[2] == trained_prompt  # choice scoring's prefill (after generation's step)
+
+
 def test_choice_scores_equal_separate_log_likelihoods(tiny) -> None:
     model, tokenizer = tiny
     choices = ["premise", "claim", "neither of the two"]  # one to several tokens each
     lengths = {len(tokenizer(" " + c, add_special_tokens=False)["input_ids"]) for c in choices}
     assert len(lengths) > 1 and max(lengths) > 1
-    scores = score_choices(model, tokenizer, PROMPTS, choices, batch_size=2)
+    ending = [tokenizer.eos_token_id]  # the answer's closing, as training teaches it
+    scores = score_choices(model, tokenizer, PROMPTS, choices, batch_size=2, ending=ending)
     for prompt, row in zip(PROMPTS, scores):
         for choice, value in zip(choices, row):
             ids = tokenizer(prompt)["input_ids"]
-            tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"]
+            tail = tokenizer(" " + choice, add_special_tokens=False)["input_ids"] + ending
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ids + tail])).logits[0]
             logprobs = torch.log_softmax(logits.float(), -1)
             expected = sum(float(logprobs[len(ids) - 1 + k, t]) for k, t in enumerate(tail))
-            assert value == pytest.approx(expected, abs=1e-4)
+            # the mean per token, closing included: labels of any length compare fairly, and
+            # a label that is a prefix of another pays for its end
+            assert value == pytest.approx(expected / len(tail), abs=1e-4)
 
 
 def test_lead_baseline() -> None:

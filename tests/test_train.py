@@ -196,7 +196,8 @@ def test_causal_encoding_masks_the_prompt_and_truncates(workspace) -> None:
     record = {"query": "Text: " + "word " * 400 + "\nAnswer:", "answer": "claim"}
     (example,) = encode_causal([record], tokenizer, max_length=64)
     answer = tokenizer(" claim", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    assert len(example.input_ids) == 64
+    # the prompt keeps 64 less the answer's reserve (20 tokens, the generation budget)
+    assert len(example.input_ids) == 64 - 20 + len(answer)
     assert example.labels[-len(answer):] == answer
     assert set(example.labels[:-len(answer)]) == {IGNORE}
 
