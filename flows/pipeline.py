@@ -276,7 +276,7 @@ def _publish(params: Any, stages: list[Stage], outcome: dict[str, str], root: Pa
     for node in stages:
         if outcome.get(node.name, "").startswith(("failed", "skipped")):
             continue
-        if node.group in ("evaluate", "evaluate_merge"):
+        if node.group in ("evaluate", "evaluate_merge", "evaluate_ensemble"):
             metrics = layout.read_evaluation(node.key)
             key = metrics["ranking_metric"]
             create_table_artifact(

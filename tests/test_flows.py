@@ -25,7 +25,7 @@ FLOW_PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text()) | {
     "predict": {"variants": ["adapter"]},
     "evaluate": {"bootstrap": 20, "bertscore_model": None},
     "submit": {"tasks": {"finarg_ecc": {"include_baselines": True}}},
-    "corpus": {}, "questions": {}, "merge": {},
+    "corpus": {}, "questions": {}, "merge": {}, "ensemble": {},
 }
 FLOW_PARAMS["train"] = FLOW_PARAMS["train"] | {
     "runs": {"majority-finarg_ecc": {"model": "majority", "task": "finarg_ecc"}}}

@@ -39,7 +39,7 @@ def _params() -> dict:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw |= {"tasks": {"finarg_ecc": raw["tasks"]["finarg_ecc"]},
             "models": {"tiny-llama": TINY, "minilm": MINILM},
-            "corpus": {}, "questions": {}, "merge": {},
+            "corpus": {}, "questions": {}, "merge": {}, "ensemble": {},
             "predict": {"variants": ["adapter"], "batch_size": 16},
             "evaluate": {"bootstrap": 50, "bertscore_model": None},
             "submit": {"tasks": {"finarg_ecc": {}}}}
