@@ -100,7 +100,7 @@ def run(folder: Path, shape: dict, quantized: bool, args: argparse.Namespace) ->
     hyper = Hyper(epochs=1, micro_batch_size=args.batch, lr=1e-4, warmup_ratio=0.0,
                   max_length=args.seq + 1, group_by_length=False, checkpoint_every=10**6,
                   log_every=10**6)
-    loop = _Loop(model, hyper, examples, [], 0, device, config)
+    loop = _Loop(model, hyper, examples, [], 0, device)
     progress = Progress()
     loop.total_steps = 2
     loop.run(progress, Path("/tmp/unused"), None)  # warm-up: kernels, allocator, autotuning

@@ -103,7 +103,7 @@ def ours(params: Any, name: str, base_dir: Path, tokenizer: Any, train_set: list
 
     model = fresh_model(params, name, base_dir)
     loop = _Loop(model, params.train.hyper("bench"), train_set, [], tokenizer.pad_token_id,
-                 torch.device("cpu"), params.models[name])
+                 torch.device("cpu"))
     started = time.perf_counter()
     loop.run(Progress(), Path("/tmp/unused-checkpoints"), None)
     seconds = time.perf_counter() - started

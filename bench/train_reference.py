@@ -108,8 +108,7 @@ def ours(params: Any, kind: str, base_dir: Path, tokenizer: Any, train_set: list
 
     model = fresh_model(params, kind, base_dir, tokenizer)
     hyper = params.train.hyper("bench")
-    loop = _Loop(model, hyper, train_set, [], tokenizer.pad_token_id, torch.device("cpu"),
-                 params.models[kind])
+    loop = _Loop(model, hyper, train_set, [], tokenizer.pad_token_id, torch.device("cpu"))
     lengths = [e.tokens for e in train_set]
     batches = epoch_batches(lengths, hyper.micro_batch_size, hyper.seed, 0, True)
     slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
@@ -130,7 +129,7 @@ def profile(params: Any, kind: str, base_dir: Path, tokenizer: Any, train_set: l
 
     model = fresh_model(params, kind, base_dir, tokenizer)
     loop = _Loop(model, params.train.hyper("bench"), train_set, [], tokenizer.pad_token_id,
-                 torch.device("cpu"), params.models[kind])
+                 torch.device("cpu"))
     loop.total_steps = 2
     loop.run(Progress(), Path("/tmp/unused-checkpoints"), None)  # warm-up
     loop.total_steps = 2 + steps

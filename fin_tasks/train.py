@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from fin_tasks import baselines
 from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, sha256_file,
                                  write_csv, write_json)
-from fin_tasks.config import BASELINE_KINDS, Hyper, ModelConfig
+from fin_tasks.config import BASELINE_KINDS, Hyper
 from fin_tasks.encoding import Example, collate, encode
 from fin_tasks.events import emit
 from fin_tasks.heads import with_label_head
@@ -225,8 +225,7 @@ def train(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
     train_set, valid_set = (encode(training_records(prepared_dir / f"{split}.jsonl", task),
                                    tokenizer, config, hyper.max_length, task, head)
                             for split in ("train", "valid"))
-    loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, config,
-                 rank, world)
+    loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, rank, world)
     progress = loop.resume(checkpoint_dir)
     loop.run(progress, checkpoint_dir, on_step)
     if rank != 0:  # data parallel: every process holds the same weights; the first writes
@@ -294,7 +293,7 @@ class _Loop:
 
     def __init__(self, model: Any, hyper: Hyper, train_set: list[Example],
                  valid_set: list[Example], pad_id: int, device: torch.device,
-                 config: ModelConfig, rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1) -> None:
         if not train_set:
             raise ValueError("the train split has no labeled rows")
         self.model, self.hyper, self.device, self.pad_id = model, hyper, device, pad_id

@@ -34,7 +34,7 @@ def _loop(params: Params, run: str, workspace: Path) -> _Loop:
     train_set = encode(read_jsonl(prepared / "train.jsonl"), tokenizer, config, hyper.max_length)
     valid_set = encode(read_jsonl(prepared / "valid.jsonl"), tokenizer, config, hyper.max_length)
     return _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id,
-                 torch.device("cpu"), config)
+                 torch.device("cpu"))
 
 
 def _adapter(model: torch.nn.Module) -> dict[str, torch.Tensor]:
