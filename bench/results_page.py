@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import ROOT
 
-VERB_TIME = re.compile(r"^run-config: (.+) took (\d+) s")
+VERB_TIME = re.compile(r"^run-config: (.+) took (\d+) s$")
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
@@ -73,9 +73,14 @@ def trainings(out: Path) -> list[str]:
                      f"{metrics.get('train_examples', '-')} | {metrics.get('wall_s')} | "
                      f"{metrics.get('tokens_per_s') or '-'} | "
                      f"{round(peak / 2**20) if peak else '-'} | "
-                     f"{quant.get('compute_dtype', 'float32 (not quantized)')} | "
+                     f"{quant.get('compute_dtype') or _stored(record)} | "
                      f"{head['body'] if head else '-'} |")
     return lines + [""]
+
+
+def _stored(record: dict) -> str:
+    """A model that is not quantized computes in the dtype it is stored in."""
+    return f"{(record.get('model') or {}).get('dtype', '-')} (not quantized)"
 
 
 def main() -> None:

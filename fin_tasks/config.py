@@ -6,6 +6,7 @@ Paths in params are relative to the folder the command runs in (the project root
 
 from __future__ import annotations
 
+import string
 import types
 import typing
 from pathlib import Path
@@ -341,8 +342,6 @@ class HeadConfig(Strict):
 
     @model_validator(mode="after")
     def _known_fields(self) -> HeadConfig:
-        import string
-
         try:
             names = {n for _, n, _, _ in string.Formatter().parse(self.template) if n is not None}
         except ValueError as error:
@@ -446,9 +445,11 @@ class SubmissionChoice(Strict):
     """Which trained run and variant a task's submission uses."""
 
     run: str = "auto"
-    """A run name, or `auto`: the best on the validation split by the task's ranking metric."""
+    """A run or ensemble name, or `auto`: the best on the validation split by the task's
+    ranking metric."""
     variant: str = "auto"
-    """A variant (adapter, merged, base, full, baseline), or `auto` with the run."""
+    """A variant (adapter, merged, base, full, head, baseline, ensemble), or `auto` with the
+    run."""
     include_baselines: bool = False
     """Let `auto` pick a baseline (off: a floor, not a submission)."""
 
@@ -600,7 +601,6 @@ class Params(Strict):
                     raise ValueError(f"models.{name}.tiny.tokenizer_tasks: unknown task '{task}'")
         return self
 
-
     def _check_head(self, name: str, run: Run) -> None:
         model = self.models[run.model]
         if model.kind != "causal":
@@ -608,9 +608,13 @@ class Params(Strict):
                              f"'{model.kind}' (an encoder has its own classification head)")
         if run.zero_shot:
             raise ValueError(f"train.runs.{name}: a head is trained; it cannot be zero_shot")
-        if self.tasks[run.task].kind.prediction != "label":
-            raise ValueError(f"train.runs.{name}.head: task '{run.task}' is a "
-                             f"{self.tasks[run.task].kind.name} task; a head predicts labels")
+        kind = self.tasks[run.task].kind
+        if kind.prediction != "label":
+            raise ValueError(f"train.runs.{name}.head: task '{run.task}' is a {kind.name} "
+                             "task; a head predicts labels")
+        if kind.name == "multiple_choice" and "{query}" not in run.head.template:
+            raise ValueError(f"train.runs.{name}.head.template: a multiple-choice question's "
+                             "options are in its {query}, not its {text}; name {query}")
         if run.head.body == "lora" and model.lora is None:
             raise ValueError(f"train.runs.{name}.head.body: 'lora' needs models.{run.model}.lora "
                              "(or set body: frozen)")

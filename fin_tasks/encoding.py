@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from fin_tasks.config import HeadConfig, ModelConfig
-from fin_tasks.prompting import IGNORE, cut_prompt, encode_example, encode_texts, head_text
+from fin_tasks.prompting import (ANSWER_TOKENS, IGNORE, encode_example, encode_texts,
+                                 head_text, keep_ends)
 from fin_tasks.tasks import Task
 
 
@@ -33,7 +34,8 @@ class Example:
 
 
 def encode_causal(records: Sequence[dict[str, Any]], tokenizer: Any, max_length: int,
-                  use_chat_template: bool = True, max_new_tokens: int = 20) -> list[Example]:
+                  use_chat_template: bool = True, max_new_tokens: int = ANSWER_TOKENS,
+                  ) -> list[Example]:
     """Prompt, then answer and its closing token(s), rendered as the chat template does (see
     `prompting.encode_example`); labels only on the answer."""
     return [Example(*encode_example(record, tokenizer, max_length, use_chat_template,
@@ -55,7 +57,7 @@ def encode_head(records: Sequence[dict[str, Any]], tokenizer: Any, head: HeadCon
     Training and prediction both encode through here."""
     rows = encode_texts(tokenizer, [head_text(r, tokenizer, head.template, head.chat_template)
                                     for r in records])
-    return [Example(cut_prompt(ids, max_length), IGNORE if r.get("gold") is None
+    return [Example(keep_ends(ids, max_length), IGNORE if r.get("gold") is None
                     else int(r["gold"])) for ids, r in zip(rows, records)]
 
 
@@ -86,7 +88,7 @@ def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfi
     if task is not None and task.kind.training == "text":
         return encode_corpus(records, tokenizer, max_length)
     return encode_causal(records, tokenizer, max_length, config.chat_template,
-                         task.max_new_tokens if task is not None else 20)
+                         task.max_new_tokens if task is not None else ANSWER_TOKENS)
 
 
 def collate(examples: Sequence[Example], pad_id: int, device: torch.device,

@@ -17,15 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json, write_jsonl
 from fin_tasks.config import EnsembleConfig
 from fin_tasks.errors import OutputError
 from fin_tasks.layout import ENSEMBLE_RECORD as RECORD, ENSEMBLE_VARIANT as VARIANT
+from fin_tasks.predictions import is_distribution, predictions_schema
 from fin_tasks.tasks import Task
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,18 @@ def resolve_members(config: EnsembleConfig, predict_root: Path) -> list[Member]:
         if not folder.is_dir():
             raise OutputError(f"ensemble member '{entry}': {folder} does not exist; run "
                               f"`fin-tasks predict --run {run}` first")
+        found = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not variant:
-            found = sorted(p.name for p in folder.iterdir() if p.is_dir())
             trained = [v for v in found if v != "base"] or found
             if len(trained) != 1:
                 raise OutputError(f"ensemble member '{entry}' predicted {', '.join(found)}; "
                                   f"name one as '{run}/<variant>'")
             variant = trained[0]
+        if variant not in found:
+            raise OutputError(f"ensemble member '{entry}': run {run} predicted "
+                              f"{', '.join(found) or 'nothing'}, not '{variant}'")
+        if Member(run, variant) in members:
+            raise OutputError(f"ensemble member '{entry}' is {run}/{variant}, listed already")
         members.append(Member(run, variant))
     return members
 
@@ -74,12 +80,13 @@ def member_probabilities(member: Member, split: str, ids: Sequence[str], task: T
         raise OutputError(f"{path}: its ids are not the {split} split's ({len(rows)} rows for "
                           f"{len(ids)}; first missing: {missing[:1] or 'none'}); it was "
                           "predicted from other data: rerun its predict stage")
-    unscored = [i for i in ids if "probs" not in rows[i]]
-    if unscored:
-        raise OutputError(f"{path}: row '{unscored[0]}' has no class probabilities; predict it "
-                          "again with this version of fin-tasks")
-    return np.array([rows[i]["probs"] for i in ids], dtype=np.float64).reshape(len(ids),
-                                                                              len(task.labels))
+    for i in ids:
+        if not is_distribution(rows[i].get("probs"), len(task.labels)):
+            raise OutputError(f"{path}: row '{i}', field 'probs': expected one probability per "
+                              f"label of {', '.join(task.labels)} summing to 1, found "
+                              f"{rows[i].get('probs')!r}; predict it again with this version "
+                              "of fin-tasks")
+    return np.array([rows[i]["probs"] for i in ids], dtype=np.float64)
 
 
 def check_same_data(member: Member, prepared_dir: Path, predict_root: Path) -> None:
@@ -118,9 +125,10 @@ def out_of_fold(config: EnsembleConfig, x: np.ndarray, gold: np.ndarray,
 
     counts = np.bincount(gold, minlength=labels)
     folds = min(config.folds, int(counts[counts > 0].min()))
-    if folds < 2 or (counts > 0).sum() < 2:
-        raise OutputError(f"a stack ensemble needs at least 2 valid rows of each of 2 labels "
-                          f"for out-of-fold scores; valid has {counts.tolist()}")
+    if (counts > 0).sum() < 2 or counts[counts > 0].min() < 2:
+        raise OutputError(f"a stack ensemble needs at least 2 labels in valid, each on 2 rows "
+                          f"or more, for out-of-fold scores; valid has {counts.tolist()} rows "
+                          "per label")
     result = np.zeros((len(gold), labels))
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
     for fit_rows, held_out in split.split(x, gold):
@@ -141,13 +149,14 @@ def build_ensemble(name: str, config: EnsembleConfig, task: Task, prepared_dir: 
               if (prepared_dir / f"{s}.jsonl").exists()}
     probs = {s: [member_probabilities(m, s, [r["id"] for r in records], task, predict_root)
                  for m in members] for s, records in splits.items()}
-    gold = np.array([r["gold"] for r in splits["valid"]])
+    gold = _valid_gold(config, splits, prepared_dir)
     combined, record = _combine(config, probs, gold, len(task.labels))
     record = {"ensemble": name, "task": config.task, "method": config.method,
               "members": [m.name for m in members]} | record
     with atomic_dir(out_dir) as scratch:
         for split, values in combined.items():
             rows = [{"id": r["id"]} | _row(task, p) for r, p in zip(splits[split], values)]
+            predictions_schema(task).validate(pd.DataFrame(rows))
             write_jsonl(scratch / VARIANT / f"{split}.jsonl", rows)
         write_json(scratch / RECORD, record | {
             "inputs": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))}})
@@ -156,8 +165,23 @@ def build_ensemble(name: str, config: EnsembleConfig, task: Task, prepared_dir: 
     return record
 
 
-def _combine(config: EnsembleConfig, probs: dict[str, list[np.ndarray]], gold: np.ndarray,
-             labels: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _valid_gold(config: EnsembleConfig, splits: dict[str, list[dict[str, Any]]],
+                prepared_dir: Path) -> np.ndarray | None:
+    """The valid split's gold class indices, which a stack is fit on (a mean needs none)."""
+    if config.method == "mean":
+        return None
+    path = prepared_dir / "valid.jsonl"
+    unlabeled = [r["id"] for r in splits.get("valid", []) if r.get("gold") is None]
+    if "valid" not in splits or unlabeled:
+        raise OutputError(f"{path}: a stack is fit on labeled valid rows; "
+                          + (f"row '{unlabeled[0]}' has no gold label" if unlabeled
+                             else "there is no valid split") + " (use method: mean)")
+    return np.array([r["gold"] for r in splits["valid"]])
+
+
+def _combine(config: EnsembleConfig, probs: dict[str, list[np.ndarray]],
+             gold: np.ndarray | None, labels: int,
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Each split's combined probabilities, and what the combination is (for the card)."""
     count = len(next(iter(probs.values())))
     if config.method == "mean":
@@ -171,7 +195,11 @@ def _combine(config: EnsembleConfig, probs: dict[str, list[np.ndarray]], gold: n
         combined["test"] = np.zeros((len(probs["test"][0]), labels))
         combined["test"][:, model.classes_] = model.predict_proba(features(probs["test"]))
     magnitude = np.abs(model.coef_).reshape(len(model.coef_), count, labels).sum(axis=(0, 2))
-    return combined, {
+    absent = sorted(set(range(labels)) - set(model.classes_.tolist()))
+    if absent:
+        log.warning("ensemble: label(s) %s never occur in valid; the stack gives them "
+                    "probability 0", absent)
+    return combined, {"absent_labels": absent,
         "weights": [round(float(w), 6) for w in magnitude / magnitude.sum()],
         "coefficients": np.round(model.coef_, 6).tolist(),
         "intercept": np.round(model.intercept_, 6).tolist(), "classes": model.classes_.tolist(),

@@ -75,8 +75,9 @@ class LabelHead(torch.nn.Module):
                              position_ids=positions_of(attention_mask),
                              use_cache=False).last_hidden_state
         pooled = states[torch.arange(len(states), device=states.device),
-                        last_real_token(attention_mask)]
-        return HeadOutput(self.score(pooled.float()))
+                        last_real_token(attention_mask).to(states.device)]
+        # (a body spread over GPUs ends on another device than the head's)
+        return HeadOutput(self.score(pooled.to(self.score.weight.device, torch.float32)))
 
     def save_pretrained(self, folder: str | Path, safe_serialization: bool = True) -> None:
         """The adapter (when the body has one), the head's weights and its record."""

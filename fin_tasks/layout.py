@@ -47,8 +47,8 @@ class Layout:
         return self.root / "evaluate" / key
 
     def read_evaluation(self, key: str) -> dict:
-        """The full record `evaluate` wrote for a run or merge (metrics.json holds its numbers
-        only, for `dvc metrics`)."""
+        """The full record `evaluate` wrote for a run, merge or ensemble (metrics.json holds its
+        numbers only, for `dvc metrics`)."""
         return json.loads((self.evaluation(key) / EVALUATION_FILE).read_text(encoding="utf-8"))
 
     def plots(self, stage: str, run: str) -> Path:

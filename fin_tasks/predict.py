@@ -28,8 +28,8 @@ from fin_tasks.predictions import (parse, predict_baseline, variants_for,
                                    write_predictions)
 from fin_tasks.runs import MergeInputs, RunInputs
 from fin_tasks.tasks import Task
-from fin_tasks.prompting import (IGNORE, answer_ending, answer_separator, cut_prompt,
-                                 encode_texts, end_of_turn_id, prompt_budget, render_prompt)
+from fin_tasks.prompting import (IGNORE, answer_ending, answer_separator, encode_texts,
+                                 end_of_turn_id, keep_ends, prompt_budget, render_prompt)
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +58,16 @@ def _batches(sizes: Sequence[int], batch_size: int, batch_tokens: int | None) ->
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int,
              batch_size: int = 16, batch_tokens: int | None = None,
-             prompt_budget: int | None = None) -> list[str]:
+             budget: int | None = None) -> list[str]:
     """Greedy continuations of `prompts` (new text only), in input order.
 
-    Prompts longer than `prompt_budget` tokens (the training run's, `prompting.prompt_budget`)
+    Prompts longer than `budget` tokens (the training run's, `prompting.prompt_budget`)
     or than the model's context less the new tokens lose their middle, as in training.
     Batches are length-sorted, capped in rows and padded tokens (`_batches`) and
     left-padded; a row that reaches a stop token leaves the batch (its cache rows are
     dropped), so one long answer does not keep the others going."""
-    budget = min(_context(model) - max_new_tokens, prompt_budget or 1 << 30)
-    encoded = [cut_prompt(ids, budget) for ids in _tokenize(tokenizer, prompts)]
+    budget = min(_context(model) - max_new_tokens, budget or 1 << 30)
+    encoded = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     device = next(model.parameters()).device
     stops = _stop_ids(model, tokenizer)
     model.eval()
@@ -194,7 +194,7 @@ def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
 def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: Sequence[str],
                   batch_size: int = 16, separator: str = " ",
                   batch_tokens: int | None = None, ending: Sequence[int] = (),
-                  prompt_budget: int | None = None) -> list[list[float]]:
+                  budget: int | None = None) -> list[list[float]]:
     """Mean log-likelihood per token of each choice (as `separator` + choice + `ending`:
     " choice" after the organizers' `Answer:`, "choice" after a chat template's generation
     prompt; `ending` the answer's closing token, so that a label that is a prefix of another
@@ -207,8 +207,8 @@ def score_choices(model: Any, tokenizer: Any, prompts: Sequence[str], choices: S
     """
     choice_ids = [tokenizer(separator + c, add_special_tokens=False)["input_ids"] + list(ending)
                   for c in choices]
-    budget = min(_context(model) - max(len(c) for c in choice_ids), prompt_budget or 1 << 30)
-    prompt_ids = [cut_prompt(ids, budget) for ids in _tokenize(tokenizer, prompts)]
+    budget = min(_context(model) - max(len(c) for c in choice_ids), budget or 1 << 30)
+    prompt_ids = [keep_ends(ids, budget) for ids in _tokenize(tokenizer, prompts)]
     device = next(model.parameters()).device
     model.eval()
     scores: dict[int, list[float]] = {}
@@ -311,8 +311,9 @@ def probabilities(scores: Sequence[float]) -> list[float]:
 
 def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], base_dir: Path,
                  train_dir: Path, dequantize: bool = False) -> Any:
-    """A model ready for inference: base, base + adapter, merged, or fully tuned weights.
-    `dequantize`: a 4-bit base computes from its dequantized weights (`PredictConfig`)."""
+    """A model ready for inference: base, base + adapter, merged, fully tuned weights, or a
+    label head on its base. `dequantize`: a 4-bit base computes from its dequantized weights
+    (`PredictConfig`), except under a head, which computes as in training."""
     if variant == "full":
         check_trained_weights(train_dir / "model")
         return upcast_vocab(load_base(config, BaseRef(str(train_dir / "model")), labels))
@@ -328,10 +329,11 @@ def load_variant(variant: str, config: ModelConfig, labels: tuple[str, ...], bas
 
 def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
                 records: Sequence[dict[str, Any]], settings: PredictConfig, max_length: int,
-                head: HeadConfig | None = None) -> list[dict[str, Any]]:
+                head: HeadConfig | None = None, trained: bool = True) -> list[dict[str, Any]]:
     """Raw output and parsed label for each record, in input order, with the labels'
     probabilities for a classifier (for a corpus: the text's log-likelihood). Inputs are
-    encoded and cut at the training run's `max_length` as in training."""
+    encoded and cut at the training run's `max_length` as in training; a run that trained
+    nothing (`trained` false: zero-shot) cuts prompts only to the model's context."""
     if config.kind == "encoder" or head is not None:
         examples = encode_head(records, tokenizer, head, max_length) if head is not None \
             else encode_encoder(records, tokenizer, max_length)
@@ -343,7 +345,7 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
                 for nll, tokens in text_losses(model, tokenizer, records, max_length,
                                                settings.batch_size)]
     prompts = [render_prompt(r, tokenizer, config.chat_template) for r in records]
-    budget = prompt_budget(max_length, task.max_new_tokens)
+    budget = prompt_budget(max_length, task.max_new_tokens) if trained else None
     if task.kind.prediction != "label":
         return [{"output": text, "label": None} for text in generate(
             model, tokenizer, prompts, task.max_new_tokens, settings.batch_size,
@@ -424,12 +426,12 @@ def _predictor(variant: str, run: RunInputs, base_dir: Path, train_dir: Path,
     return _model_predictor(partial(load_variant, variant, config, task.labels, base_dir,
                                     train_dir, settings.dequantize),
                             train_dir / "tokenizer", task, config, settings,
-                            run.hyper.max_length, run.entry.head)
+                            run.hyper.max_length, run.entry.head, not run.entry.zero_shot)
 
 
 def _model_predictor(load: Callable[[], Any], tokenizer_dir: Path, task: Task,
                      config: ModelConfig, settings: PredictConfig, max_length: int,
-                     head: HeadConfig | None = None,
+                     head: HeadConfig | None = None, trained: bool = True,
                      ) -> Callable[[Sequence[dict[str, Any]]], list[dict]]:
     """A function from records to outputs, with the model `load` returns loaded once."""
     model = load()
@@ -437,4 +439,4 @@ def _model_predictor(load: Callable[[], Any], tokenizer_dir: Path, task: Task,
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     return lambda records: outputs_for(task, config, model, tokenizer, records, settings,
-                                       max_length, head)
+                                       max_length, head, trained)

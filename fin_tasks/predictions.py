@@ -78,8 +78,9 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
     prepared_dir = Path(prepared_dir)
     splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
     only = settings.base_splits if settings.base_splits is not None else settings.splits
-    info |= {"mode": settings.mode if task.kind.prediction == "label" and config.kind == "causal"
-             else None,
+    generative = config.kind == "causal" and "head" not in predictors
+    info |= {"mode": settings.mode if task.kind.prediction == "label" and generative else None,
+             "probabilities": _probabilities_from(task, config, settings, predictors),
              "variants": {}}
     with atomic_dir(out_dir) as scratch:
         for variant, make in predictors.items():
@@ -104,6 +105,20 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
                  "packages": package_versions()}
         write_json(scratch / "predict.json", info)
     return info
+
+
+def _probabilities_from(task: Task, config: ModelConfig, settings: PredictConfig,
+                        predictors: dict[str, Any]) -> str | None:
+    """Where a classifier's `probs` come from, for whoever combines them (an ensemble)."""
+    if task.kind.prediction != "label":
+        return None
+    if config.kind == "encoder" or "head" in predictors:
+        return "softmax of the head's logits"
+    if config.kind != "causal":
+        return "one-hot: the rule's one answer"
+    return "softmax of each label's mean log-likelihood per token" + (
+        "; the label is parsed from the generation and may differ from their argmax"
+        if settings.mode == "generate" else "")
 
 
 def predict_baseline(run: RunInputs, prepared_dir: str | Path, train_dir: str | Path,

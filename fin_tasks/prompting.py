@@ -128,6 +128,9 @@ def keep_ends(ids: list[int], budget: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
+ANSWER_TOKENS = 20  # generation budget of a classification answer (Task.max_new_tokens)
+
+
 def answer_reserve(max_new_tokens: int, max_length: int) -> int:
     """Tokens of `max_length` kept for the answer: the task's generation budget, at most half
     (at least one). Whatever the answer, a prompt gets the rest, in training and prediction
@@ -136,18 +139,13 @@ def answer_reserve(max_new_tokens: int, max_length: int) -> int:
 
 
 def prompt_budget(max_length: int, max_new_tokens: int) -> int:
-    """The most prompt tokens a run's examples keep (`cut_prompt`), in training and prediction."""
+    """The most prompt tokens a run's examples keep (`keep_ends` cuts the rest), in training
+    and prediction alike."""
     return max_length - answer_reserve(max_new_tokens, max_length)
 
 
-def cut_prompt(ids: list[int], budget: int) -> list[int]:
-    """A prompt's token ids cut to `budget` (`keep_ends`): the one truncation of prompts,
-    shared by training and prediction."""
-    return keep_ends(ids, budget)
-
-
 def encode_example(record: dict[str, Any], tokenizer: Any, max_length: int,
-                   use_chat_template: bool, max_new_tokens: int = 20,
+                   use_chat_template: bool, max_new_tokens: int = ANSWER_TOKENS,
                    ) -> tuple[list[int], list[int]]:
     """Token ids and labels of one instruction record: the prompt (not learned), cut to
     `prompt_budget` as prediction cuts it, then the answer and its closing token(s) (learned),
@@ -160,6 +158,6 @@ def encode_example(record: dict[str, Any], tokenizer: Any, max_length: int,
         closing = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     reserve = answer_reserve(max_new_tokens, max_length)
     answer = answer[: max(1, reserve - len(closing))] + closing
-    prompt = cut_prompt(encode_text(tokenizer, turn.prompt),
-                        prompt_budget(max_length, max_new_tokens))
+    budget = min(prompt_budget(max_length, max_new_tokens), max_length - len(answer))
+    prompt = keep_ends(encode_text(tokenizer, turn.prompt), budget)
     return prompt + answer, [IGNORE] * len(prompt) + answer

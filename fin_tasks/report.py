@@ -41,8 +41,8 @@ ANCHOR_TYPES = {"finarg_ecc": "finarg_ecc", "edtsum": "edtsum"}
 
 def leaderboard_rows(params: Params, layout: Layout,
                      failed: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """One row per (run or merge, variant, split) that was scored, best first. Runs and
-    merges named in `failed` (name -> reason) have no outputs and are skipped."""
+    """One row per (run, merge or ensemble; variant; split) that was scored, best first.
+    Names in `failed` (name -> reason) have no outputs and are skipped."""
     failed = failed or {}
     rows = []
     for run, spec in params.train.runs.items():
@@ -50,7 +50,8 @@ def leaderboard_rows(params: Params, layout: Layout,
             continue
         training = json.loads((layout.trained(run) / "metrics.json").read_text())
         weights = (layout.trained(run) / "adapter" / "adapter_model.safetensors",
-                   layout.trained(run) / "head" / "head.safetensors")  # LoRA, or a label head
+                   layout.trained(run) / "head" / "adapter_model.safetensors",  # a head's LoRA
+                   layout.trained(run) / "head" / "head.safetensors")  # a probe's head alone
         adapter = next((path for path in weights if path.exists()), weights[0])
         rows += _rows(params, layout, run, spec.task, spec.model, {
             "train_s": training.get("wall_s"),

@@ -21,7 +21,7 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
 from fin_tasks.config import BASELINE_KINDS, Params
-from fin_tasks.layout import ENSEMBLE_RECORD, ENSEMBLE_VARIANT, Layout
+from fin_tasks.layout import ENSEMBLE_RECORD, ENSEMBLE_VARIANT, EVALUATION_FILE, Layout
 from fin_tasks.metrics import MISSING, perplexity
 from fin_tasks.tasks import Task, task_from_config
 
@@ -53,6 +53,10 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
     for name, ensemble in params.ensemble.items():
         if ensemble.task != task_name or choice.run not in ("auto", name) or \
                 choice.variant not in ("auto", ENSEMBLE_VARIANT):
+            continue
+        if not (layout.evaluation(name) / EVALUATION_FILE).exists():
+            log.warning("submit %s: ensemble %s was not evaluated; not a candidate",
+                        task_name, name)
             continue
         splits = layout.read_evaluation(name)["metrics"].get(ENSEMBLE_VARIANT, {})
         if "valid" in splits and _predictions_file(params, layout, name,
@@ -252,7 +256,8 @@ def _bundle_model(target: Path, params: Params, run: str, variant: str, base_dir
     if config.gguf is not None:  # rebuilt by `fin-tasks base` from the pinned packages
         base_info |= {"gguf": config.gguf.model_dump(mode="json")}
     write_json(target / "base.json", base_info)
-    return {"kind": "adapter", "variant": variant} | base_info
+    kind = "label head" if variant == "head" else "adapter"
+    return {"kind": kind, "variant": variant} | base_info
 
 
 def model_card(task_name: str, params: Params, run: str, variant: str,

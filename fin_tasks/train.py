@@ -1,8 +1,9 @@
 """The `train` stage: LoRA (QLoRA on a quantized base) or full fine-tuning of one model on
 one task, resumable from checkpoints.
 
-Causal LMs learn the answer tokens of instruction records (loss on the answer only);
-encoders learn a sequence-classification head. Batches are length-grouped and padded
+Causal LMs learn the answer tokens of instruction records (loss on the answer only), or, with
+a label head (`heads.py`), the label from their last real token's hidden state; encoders
+learn a sequence-classification head. Batches are length-grouped and padded
 dynamically; gradients accumulate; the learning rate warms up then decays.
 """
 
@@ -77,7 +78,7 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, 
     (the answer's, in instruction tuning): the same loss without the vocabulary-wide logits
     of every prompt token."""
     labels = batch["labels"]
-    if labels.dim() == 1:  # encoder: one class per example
+    if labels.dim() == 1:  # a classifier (encoder or label head): one class per example
         logits = model(input_ids=batch["input_ids"],
                        attention_mask=batch["attention_mask"]).logits
         return torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum"), \
@@ -469,7 +470,7 @@ def _clock(seconds: float) -> str:
 
 
 def _terms(examples: Sequence[Example]) -> int:
-    """Loss terms in a micro-batch: answer tokens (causal) or examples (encoder)."""
+    """Loss terms in a micro-batch: answer tokens (causal) or examples (a classifier)."""
     if isinstance(examples[0].labels, int):
         return len(examples)
     # the first token is never predicted, so a label there is not a term

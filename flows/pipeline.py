@@ -300,7 +300,7 @@ def _report_failures(params: Any, root: Path, failures: dict[str, str],
     from fin_tasks.report import build_report
 
     failed: dict[str, str] = {}
-    for run in list(params.train.runs) + list(params.merge):
+    for run in [*params.train.runs, *params.merge, *params.ensemble]:
         reason = next((f"{name}: {outcome[name]}" for name in outcome
                        if name.split("@", 1)[-1] == run and not outcome[name].startswith(
                            ("ran", "up-to-date"))), None)

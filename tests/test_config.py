@@ -55,8 +55,15 @@ def test_generic_task_needs_labels_and_instruction() -> None:
 
 def test_config_is_frozen() -> None:
     params = load_params(ROOT / "params.yaml")
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         params.prepare.seed = 1  # type: ignore[misc]
+
+
+# stages run by another stage's module (the stage name is the module's otherwise)
+STAGE_MODULE = {"predict_merge": "predict", "evaluate_merge": "evaluate",
+                "evaluate_ensemble": "evaluate"}
 
 
 def _dvc_stages() -> dict:
@@ -155,8 +162,7 @@ def test_each_stage_names_exactly_the_library_modules_it_imports(stage: str) -> 
         if dep.startswith("fin_tasks/"):
             deps |= ({str(p.relative_to(ROOT)) for p in (ROOT / dep).rglob("*.py")}
                      if (ROOT / dep).is_dir() else {dep})
-    module = {"predict_merge": "predict", "evaluate_merge": "evaluate",
-                  "evaluate_ensemble": "evaluate"}.get(stage, stage)
+    module = STAGE_MODULE.get(stage, stage)
     needed = {str(p.relative_to(ROOT)) for p in _imported_modules(ROOT / f"fin_tasks/{module}.py")}
     needed |= {f"fin_tasks/{module}.py", "fin_tasks/cli.py"} | _cli_top_level_modules()
     assert deps == needed, (f"dvc.yaml {stage}: deps lack {sorted(needed - deps)}, "
@@ -171,8 +177,7 @@ def test_no_stage_depends_on_the_schedule_section_or_its_module() -> None:
         assert "fin_tasks/schedule.py" not in stage.get("deps", []), name
         assert not any(key.split(".")[0] == "schedule" for key in stage.get("params", [])), name
     for stage in _dvc_stages():
-        module = {"predict_merge": "predict", "evaluate_merge": "evaluate",
-                  "evaluate_ensemble": "evaluate"}.get(stage, stage)
+        module = STAGE_MODULE.get(stage, stage)
         closure = _imported_modules(ROOT / f"fin_tasks/{module}.py")
         closure |= _imported_modules(ROOT / "fin_tasks/cli.py")
         assert ROOT / "fin_tasks/schedule.py" not in closure, stage

@@ -157,3 +157,24 @@ def test_a_member_without_predictions_is_refused(layout) -> None:
 def test_an_ensemble_of_runs_on_another_task_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="run 'minilm-s' is trained on task 'sentiment'"):
         ensemble_params(members=["tiny-t1", "minilm-s"])
+
+
+def test_a_stack_needs_labeled_valid_rows(layout, monkeypatch) -> None:
+    import fin_tasks.ensemble as ensemble
+
+    path = layout.prepared(TASK) / "valid.jsonl"
+    rows = read_jsonl(path)
+    write_jsonl(path, [rows[0] | {"gold": None, "answer": None}] + rows[1:])
+    # the edit above changed the data the members predicted: that check is not under test
+    monkeypatch.setattr(ensemble, "check_same_data", lambda *args: None)
+    with pytest.raises(OutputError, match=rf"valid.jsonl: .*row '{rows[0]['id']}' has no "
+                                          "gold label"):
+        _build(ensemble_params(), layout)
+
+
+def test_a_member_with_broken_probabilities_is_named_with_its_row(layout) -> None:
+    path = layout.predictions("tiny-t1") / "adapter" / "valid.jsonl"
+    rows = read_jsonl(path)
+    write_jsonl(path, [rows[0] | {"probs": [0.9, 0.3]}] + rows[1:])
+    with pytest.raises(OutputError, match=rf"row '{rows[0]['id']}', field 'probs'"):
+        _build(ensemble_params(), layout)

@@ -204,3 +204,53 @@ def test_a_probe_trains_the_head_alone(workspace, tmp_path) -> None:
           workspace / "base/tiny", tmp_path / "train", checkpoint_root=tmp_path / "ck")
     names = {p.name for p in (tmp_path / "train" / "head").iterdir()}
     assert "head.safetensors" in names and "adapter_model.safetensors" not in names
+
+
+def test_a_head_run_resumes_exactly_after_a_kill(workspace, tmp_path) -> None:
+    """Head and adapter both come back from the checkpoint: the resumed run's files equal
+    the uninterrupted run's."""
+    params = head_params()
+    run = resolve_run(params, "tiny-head")
+    args = (run, workspace / "prepare/finarg_ecc", workspace / "base/tiny")
+    train(*args, tmp_path / "straight", checkpoint_root=tmp_path / "ck1")
+
+    def crash(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill at step 3")
+
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2", on_step=crash)
+    resumed = train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2")
+    assert resumed["steps"] == 4
+    from safetensors.torch import load_file
+
+    for name in ("head.safetensors", "adapter_model.safetensors"):
+        a = load_file(str(tmp_path / "straight/head" / name))
+        b = load_file(str(tmp_path / "resumed/head" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_head_learns_a_three_label_task_defined_in_params(workspace, tmp_path) -> None:
+    """Sentiment (negative / neutral / positive, a task added by params) through train and
+    predict: three probabilities a row."""
+    raw = head_params(model={"quantization": None}).model_dump(mode="json")
+    raw["train"]["runs"]["tiny-head"]["task"] = "sentiment"
+    params = parse_params(raw)
+    train(resolve_run(params, "tiny-head"), workspace / "prepare/sentiment",
+          workspace / "base/tiny", tmp_path / "train", checkpoint_root=tmp_path / "ck")
+    predict_run(resolve_run(params, "tiny-head"), workspace / "prepare/sentiment",
+                workspace / "base/tiny", tmp_path / "train", tmp_path / "predict")
+    rows = read_jsonl(tmp_path / "predict/head/valid.jsonl")
+    assert rows and all(is_distribution(r["probs"], 3) for r in rows)
+    assert {r["label"] for r in rows} <= {"negative", "neutral", "positive"}
+
+
+def test_a_multiple_choice_head_must_read_the_options() -> None:
+    raw = head_params().model_dump(mode="json")
+    raw["tasks"]["fineval"] = {"type": "fineval", "data": "data/demo/fineval",
+                               "splits": {"train": "dev", "test": "val"}}
+    raw["train"]["runs"]["tiny-head"]["task"] = "fineval"
+    with pytest.raises(ConfigError, match=r"options are in its \{query\}"):
+        parse_params(raw)
+    raw["train"]["runs"]["tiny-head"]["head"]["template"] = "{query}"
+    assert parse_params(raw).train.runs["tiny-head"].head.template == "{query}"

@@ -158,8 +158,12 @@ def test_the_schema_rejects_an_invalid_question() -> None:
     good = {"id": 0, "question": "Q: The rate is ____.", "A": "5%", "B": "50%", "C": "0.5%",
             "D": "-5%", "answer": "A", "explanation": "The rate is 5%."}
     questions_schema().validate(pd.DataFrame([good]))
-    for bad in ({"B": "5%"}, {"answer": "B"}, {"answer": "E"}, {"question": "no blank"}):
-        with pytest.raises(Exception):
+    from pandera.errors import SchemaError
+
+    for bad, check in (({"B": "5%"}, "four distinct options"),
+                       ({"answer": "B"}, "restores the original sentence"),
+                       ({"answer": "E"}, "isin"), ({"question": "no blank"}, "one blank")):
+        with pytest.raises(SchemaError, match=check):  # each refused by its own check
             questions_schema().validate(pd.DataFrame([good | bad]))
 
 

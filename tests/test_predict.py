@@ -97,13 +97,35 @@ def test_prediction_cuts_a_long_prompt_exactly_as_training_does(tiny) -> None:
         lambda _, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
     try:
         budget = prompt_budget(96, 20)
-        generate(model, tokenizer, [record["query"]], max_new_tokens=2, prompt_budget=budget)
+        generate(model, tokenizer, [record["query"]], max_new_tokens=2, budget=budget)
         score_choices(model, tokenizer, [record["query"]], ["claim", "premise"],
-                      prompt_budget=budget)
+                      budget=budget)
     finally:
         hook.remove()
     assert len(trained_prompt) < 96 and seen[0] == trained_prompt  # generation's prefill
     assert seen[2] == trained_prompt  # choice scoring's prefill (after generation's step)
+
+
+def test_a_zero_shot_run_cuts_prompts_only_to_the_context(tiny) -> None:
+    """No training saw these prompts: a run's `max_length` does not cut them."""
+    from fin_tasks.config import PredictConfig
+    from fin_tasks.predict import outputs_for
+    from fin_tasks.tasks import task_from_config
+
+    model, tokenizer = tiny
+    params = make_params()
+    task = task_from_config("finarg_ecc", params.tasks["finarg_ecc"])
+    record = {"query": "Text: " + "revenue grew again " * 60 + "\nAnswer:"}
+    seen = []
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        for trained in (True, False):
+            outputs_for(task, params.models["tiny"], model, tokenizer, [record],
+                        PredictConfig(mode="score"), 64, trained=trained)
+    finally:
+        hook.remove()
+    assert seen[0] <= 64 - 20 < 150 < seen[-2]  # the zero-shot prefill keeps every token
 
 
 def test_choice_scores_equal_separate_log_likelihoods(tiny) -> None:
