@@ -91,6 +91,8 @@ def main() -> None:
     parser.add_argument("--log", type=Path, help="the run's log (per-verb times)")
     parser.add_argument("--page", type=Path, help="default docs/results/<date>-<config>.md")
     parser.add_argument("--note", default="", help="a line on the conditions of the run")
+    parser.add_argument("--commit", help="the commit the run used, when the checkout has "
+                        "moved on since (default: the checkout's)")
     args = parser.parse_args()
     today = datetime.date.today().isoformat()
     name = Path(args.config).stem
@@ -100,8 +102,8 @@ def main() -> None:
     lines = [f"# {name}: results of {today}", "",
              f"- command: `bash scripts/run-config.sh {args.config}`",
              f"- page: `python bench/results_page.py {args.out_dir} --config {args.config}"
-             f"{' --log LOG' if args.log else ''}`",
-             f"- commit: {commit()}", f"- machine: {machine()}",
+             f"{' --log LOG' if args.log else ''}{' --commit ' + args.commit if args.commit else ''}`",
+             f"- commit: {args.commit or commit()}", f"- machine: {machine()}",
              *([f"- conditions: {args.note}"] if args.note else []), "",
              *verb_times(args.log), *trainings(args.out_dir), board]
     page.parent.mkdir(parents=True, exist_ok=True)

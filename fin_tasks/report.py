@@ -232,8 +232,9 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
                                       for name, reason in sorted(failed.items())] + [""]
     if unscored:
         lines += ["## Not evaluated", ""] + [
-            f"- {name}: no `{EVALUATION_FILE}`; run `fin-tasks predict` (or `ensemble`) and "
-            f"`fin-tasks evaluate` with `--{_option(params, name)} {name}`" for name in unscored]
+            f"- {name}: no `{EVALUATION_FILE}`; run `fin-tasks "
+            f"{'ensemble' if name in params.ensemble else 'predict'}` and `fin-tasks evaluate` "
+            f"with `--{_option(params, name)} {name}`" for name in unscored]
         lines += [""]
     skipped = (failed or {}) | dict.fromkeys(unscored, "")
     lines += (_merge_lines(params, layout, skipped) + _ensemble_lines(params, layout, skipped)
