@@ -102,7 +102,8 @@ def main() -> None:
     lines = [f"# {name}: results of {today}", "",
              f"- command: `bash scripts/run-config.sh {args.config}`",
              f"- page: `python bench/results_page.py {args.out_dir} --config {args.config}"
-             f"{' --log LOG' if args.log else ''}{' --commit ' + args.commit if args.commit else ''}`",
+             f"{' --log LOG' if args.log else ''}"
+             f"{' --commit ' + args.commit if args.commit else ''}`",
              f"- commit: {args.commit or commit()}", f"- machine: {machine()}",
              *([f"- conditions: {args.note}"] if args.note else []), "",
              *verb_times(args.log), *trainings(args.out_dir), board]
