@@ -69,8 +69,8 @@ class LabelHead(torch.nn.Module):
                 **_: Any) -> HeadOutput:
         """Label logits of each row, from its last real token's final hidden state."""
         decoder = _transformer(self.lm).get_decoder()
-        # a probe's body learns nothing: no graph through it (the head's input is a constant)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.body != "frozen"):
+        frozen = not any(p.requires_grad for p in self.lm.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             states = decoder(input_ids=input_ids, attention_mask=attention_mask,
                              position_ids=positions_of(attention_mask),
                              use_cache=False).last_hidden_state
