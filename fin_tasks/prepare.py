@@ -22,6 +22,8 @@ from fin_tasks.tasks import Task, has_numeric, task_from_config
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+_VALUE_KINDS = {int: "number", float: "number", bool: "boolean", list: "array", dict: "object",
+               type(None): "null"}
 _SUBJECT_SUFFIX = re.compile(r"_(dev|val|valid|test|train)$")
 
 
@@ -70,7 +72,8 @@ def load_split(task: Task, location: str, revision: str | None = None,
                split: str = "train") -> pd.DataFrame:
     """Read and validate one split into canonical rows (id, text, answer, ...)."""
     rows = read_rows(location, task.required_fields, revision)
-    frame = pd.DataFrame([_canonical(task, row, split) for row in rows])
+    frame = pd.DataFrame([_canonical(task, row, split, position)
+                          for position, row in enumerate(rows, start=1)])
     labeled = frame["answer"].notna()
     if labeled.any() and not labeled.all():
         bad = frame[~labeled].iloc[0]
@@ -80,9 +83,13 @@ def load_split(task: Task, location: str, revision: str | None = None,
     return validate_rows(frame, task, labeled=bool(labeled.all()))
 
 
-def _canonical(task: Task, row: RawRow, split: str) -> dict[str, Any]:
-    """One raw row in canonical form, keeping where it came from."""
+def _canonical(task: Task, row: RawRow, split: str, position: int) -> dict[str, Any]:
+    """One raw row in canonical form, keeping where it came from.
+
+    Without an id column, a row's id is its 1-based position in its split, whatever the
+    file's layout (a one-line JSON array holds every row on line 1)."""
     fields = row.fields
+    _check_field_types(task, row)
     answer = fields.get(task.label_field) if task.label_field else None
     if answer is not None and not (isinstance(answer, float) and np.isnan(answer)):
         answer = str(answer).strip()
@@ -96,12 +103,8 @@ def _canonical(task: Task, row: RawRow, split: str) -> dict[str, Any]:
                             f"gold {gold!r} disagrees with label '{answer}'",
                             f"gold {task.labels.index(answer)} (the label's index in "
                             f"{list(task.labels)})", unit=row.unit)
-    for name in task.required_fields:
-        if not isinstance(fields[name], (str, int)) or isinstance(fields[name], bool):
-            raise DataError(row.source, row.line, name, f"a {type(fields[name]).__name__}",
-                            "a string", unit=row.unit)
-    row_id = str(fields[task.id_field]) if task.id_field else f"{split}-{row.line}"
-    canonical = {"id": row_id, "text": str(fields[task.text_field]),
+    row_id = str(fields[task.id_field]) if task.id_field else f"{split}-{position}"
+    canonical = {"id": row_id, "text": fields[task.text_field],
                  "answer": answer, "_source": row.source, "_line": row.line, "_unit": row.unit}
     if task.option_fields:
         canonical["options"] = tuple(str(fields[name]) for name in task.option_fields)
@@ -109,6 +112,25 @@ def _canonical(task: Task, row: RawRow, split: str) -> dict[str, Any]:
         if task.subject_from_file:
             canonical["id"] = f"{canonical['subject']}-{canonical['id']}"
     return canonical
+
+
+def _check_field_types(task: Task, row: RawRow) -> None:
+    """Text must be a string (a number there is a wrong column, not text); ids and options
+    may also be integers; no field may hold a NUL byte (a sign of a corrupt or binary file)."""
+    for name in task.required_fields:
+        value = row.fields[name]
+        allowed = (str,) if name == task.text_field else (str, int)
+        if not isinstance(value, allowed) or isinstance(value, bool):
+            kind = _VALUE_KINDS.get(type(value), type(value).__name__)
+            raise DataError(row.source, row.line, name, f"a {kind}",
+                            "a string" if name == task.text_field else "a string or an integer",
+                            unit=row.unit)
+    for name, value in row.fields.items():
+        if isinstance(value, str) and "\x00" in value:
+            raise DataError(row.source, row.line, name,
+                            f"a NUL byte at character {value.index(chr(0)) + 1}",
+                            "text without NUL bytes (is the file corrupt or binary?)",
+                            unit=row.unit)
 
 
 def _subject(source: str) -> str:

@@ -65,6 +65,28 @@ def test_missing_column_in_a_csv_header(tmp_path: Path) -> None:
         f"{raw / 'sentences.csv'}, line 1, field 'text': missing column")
 
 
+def test_a_nul_byte_in_a_csv_field_is_refused(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "sentences.csv").write_text("ID,text,label\n1,Profit rose.,pos\n"
+                                       "2,Costs\x00 fell.,neg\n", encoding="utf-8")
+    config = TaskConfig.model_validate({
+        "type": "classification", "data": str(raw), "splits": {"train": "sentences.csv"},
+        "columns": {"id": "ID", "text": "text", "label": "label"}, "labels": ["neg", "pos"],
+        "instruction": "Classify."})
+    with pytest.raises(DataError) as caught:
+        prepare_task("s", config, PrepareConfig(), tmp_path / "out")
+    assert str(caught.value).startswith(
+        f"{raw / 'sentences.csv'}, line 3, field 'text': a NUL byte at character 6")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_number_where_the_text_belongs_is_refused(finarg_dir: Path, tmp_path: Path) -> None:
+    _rewrite_line(finarg_dir / "train.jsonl", 5, json.dumps(finarg_record(4) | {"text": 12345}))
+    assert _error(finarg_dir, tmp_path).startswith(
+        f"{finarg_dir / 'train.jsonl'}, line 5, field 'text': a number; expected a string")
+
+
 def test_unknown_label(finarg_dir: Path, tmp_path: Path) -> None:
     record = finarg_record(2) | {"answer": "opinion"}
     del record["gold"]

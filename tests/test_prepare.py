@@ -263,23 +263,30 @@ def test_a_killed_stage_leaves_nothing_a_later_run_keeps_and_outputs_are_readabl
     assert stat.S_IMODE((final / "weights.bin").stat().st_mode) == 0o644
 
 
-def test_data_without_an_id_column_runs_by_params_alone(tmp_path: Path) -> None:
-    """FiQA-style rows (instruction, input, output: no id) need no rewriting of the files."""
+@pytest.mark.parametrize("layout", ["one-line array", "pretty array", "jsonl"])
+def test_data_without_an_id_column_runs_by_params_alone(tmp_path: Path, layout: str) -> None:
+    """FiQA-style rows (instruction, input, output: no id) need no rewriting of the files:
+    ids are row positions in the split, the same whatever the file's layout."""
     raw = tmp_path / "fiqa"
     labels = ["negative", "neutral", "positive"]
-    write_jsonl(raw / "train.jsonl", [
-        {"instruction": "Sentiment?", "input": f"Shares moved {n}% today.",
-         "output": labels[n % 3]} for n in range(30)] + [
-        {"instruction": "Sentiment?", "input": 20240101, "output": "neutral"}])  # a bare number
+    rows = [{"instruction": "Sentiment?", "input": f"Shares moved {n}% today.",
+             "output": labels[n % 3]} for n in range(30)]
+    raw.mkdir()
+    if layout == "jsonl":
+        write_jsonl(raw / "train.jsonl", rows)
+    else:
+        (raw / "train.json").write_text(json.dumps(rows, indent=2 if layout == "pretty array"
+                                                   else None), encoding="utf-8")
     config = TaskConfig.model_validate({
-        "type": "classification", "data": str(raw), "splits": {"train": "train.jsonl"},
+        "type": "classification", "data": str(raw),
+        "splits": {"train": "train.jsonl" if layout == "jsonl" else "train.json"},
         "columns": {"id": None, "text": "input", "label": "output"}, "labels": labels,
         "instruction": "What is the sentiment?"})
     prepare_task("fiqa", config, PrepareConfig(), tmp_path / "a")
     again = prepare_task("fiqa", config, PrepareConfig(), tmp_path / "b")
     records = [r for split in ("train", "valid", "test")
                for r in _read(tmp_path / "a" / f"{split}.jsonl")]
-    assert sorted(r["id"] for r in records) == sorted(f"train-{n}" for n in range(1, 32))
-    assert {r["id"]: r["text"] for r in records}["train-31"] == "20240101"
+    assert sorted(r["id"] for r in records) == sorted(f"train-{n}" for n in range(1, 31))
+    assert {r["id"]: r["text"] for r in records}["train-7"] == "Shares moved 6% today."
     assert again["outputs"] == prepare_task("fiqa", config, PrepareConfig(),
                                             tmp_path / "c")["outputs"]
