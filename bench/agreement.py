@@ -43,7 +43,8 @@ def main() -> None:
     from fin_tasks.artifacts import read_jsonl
     from fin_tasks.config import load_params
     from fin_tasks.layout import Layout
-    from fin_tasks.models import BaseRef, load_tokenizer, resolved_quantization
+    from fin_tasks.devices import resolved_quantization
+    from fin_tasks.models import BaseRef, load_tokenizer
     from fin_tasks.predict import generate, load_variant, score_choices
     from fin_tasks.predictions import parse
     from fin_tasks.prompting import (answer_ending, answer_separator, encode_texts,

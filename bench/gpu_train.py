@@ -76,7 +76,8 @@ def matmul_peak(device: torch.device, size: int, seconds: float = 3.0) -> float:
 def run(folder: Path, shape: dict, quantized: bool, args: argparse.Namespace) -> dict:
     """Train LoRA for `args.steps` steps (after 2 warm-up steps) with fin_tasks' loop."""
     from fin_tasks.config import Hyper, ModelConfig
-    from fin_tasks.models import BaseRef, device_for, load_base, with_lora
+    from fin_tasks.devices import device_for
+    from fin_tasks.models import BaseRef, load_base, with_lora
     from fin_tasks.encoding import Example
     from fin_tasks.train import Progress, _Loop
 

@@ -77,8 +77,9 @@ def child(args: argparse.Namespace) -> None:
 
     from fin_tasks.artifacts import read_jsonl
     from fin_tasks.encoding import collate, encode
-    from fin_tasks.models import (load_base, load_tokenizer, peak_memory_bytes, read_base_ref,
-                                  ready_quantized, reset_peak_memory, save_quantized, with_lora)
+    from fin_tasks.memory import peak_memory_bytes, reset_peak_memory
+    from fin_tasks.models import (load_base, load_tokenizer, read_base_ref, ready_quantized,
+                                  save_quantized, with_lora)
     from fin_tasks.tasks import task_from_config
     from fin_tasks.train import loss_sum
 

@@ -144,6 +144,17 @@ def sha256_tree(path: str | Path) -> dict[str, str]:
     return {str(p): sha256_file(p) for p in files}
 
 
+def sha256_folder(path: str | Path, exclude: Iterable[str] = ()) -> str:
+    """One content hash of every file under a folder (relative paths included, files read in
+    blocks): the folder's identity. Files named in `exclude` are left out."""
+    path, skipped = Path(path), set(exclude)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in skipped):
+        digest.update(str(file.relative_to(path)).encode())
+        digest.update(bytes.fromhex(sha256_file(file)))
+    return digest.hexdigest()
+
+
 def package_versions(names: Iterable[str] = PROVENANCE_PACKAGES) -> dict[str, str | None]:
     """Installed versions of the packages that shape an output (None when absent)."""
     versions: dict[str, str | None] = {}

@@ -84,11 +84,13 @@ def _train(args: argparse.Namespace) -> None:
             metrics = train_baseline(run, layout.prepared(spec.task), layout.trained(name),
                                      layout.plots("train", name))
         else:
+            from fin_tasks.checkpoints import STORE_ENV
             from fin_tasks.train import train
 
             metrics = train(run, layout.prepared(spec.task), layout.base(spec.model),
                             layout.trained(name), checkpoint_root=args.checkpoints,
-                            plots_dir=layout.plots("train", name))
+                            plots_dir=layout.plots("train", name),
+                            checkpoint_store=os.environ.get(STORE_ENV) or None)
         speed = f", {metrics['tokens_per_s']:.0f} tokens/s" if metrics["tokens_per_s"] else ""
         print(f"train {name}: {metrics['steps']} steps{speed}, best valid "
               f"{metrics['best_valid']} -> {layout.trained(name)}")
@@ -251,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="fine-tune one model on one task (LoRA / QLoRA)")
     train.add_argument("--run", action="append", help="run name (repeatable; default all)")
     train.add_argument("--checkpoints", default=".checkpoints",
-                       help="root of resumable checkpoints (kept until a run completes)")
+                       help="root of resumable checkpoints (kept until a run completes); "
+                       "$FIN_TASKS_CHECKPOINT_STORE, a shared folder or fsspec URL, also "
+                       "keeps a copy for another machine to resume from")
     predict = verbs.add_parser("predict", help="predict valid/test with each model variant")
     evaluate = verbs.add_parser("evaluate", help="score predictions as the organizers do")
     merge = verbs.add_parser("merge", help="merge adapters into their base, checked")

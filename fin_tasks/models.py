@@ -1,4 +1,4 @@
-"""Everything that touches the hardware: dtype, device, bitsandbytes, model and LoRA loading.
+"""Model loading: a base (quantized or not) onto its device, with LoRA, an adapter or a head.
 
 The rest of the library receives a loaded model. QLoRA is a loading option (a quantized
 base plus LoRA adapters), not a different trainer. `bitsandbytes` and `peft` are imported
@@ -10,53 +10,22 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fin_tasks.artifacts import sha256_file
+from fin_tasks.artifacts import sha256_file, sha256_folder
 from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
+from fin_tasks.devices import DTYPES, compute_dtype, device_for, resolved_quantization
 from fin_tasks.errors import ModelError
 from fin_tasks.sources import BaseRef, resolve_source
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SOURCE_FILE = "source.json"
 QUANTIZED_DIR = "quantized"  # in a base folder: its weights stored ready-quantized
 QUANTIZED_RECORD = "fin_tasks_quantization.json"  # the settings they were quantized with
-
-
-def device_for(config: ModelConfig) -> torch.device:
-    """CUDA when the entry asks for a GPU and one is present (this process's own GPU under a
-    multi-process launch), else the CPU."""
-    if config.gpu and torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def data_parallel(device: torch.device) -> tuple[int, int]:
-    """(rank, world size) of this training process. Under `accelerate launch` or `torchrun`
-    (WORLD_SIZE > 1) the process group is initialised here: NCCL between GPUs, gloo on CPUs."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world
-
-
-def sum_gradients(parameters: list[torch.nn.Parameter]) -> None:
-    """Add up every process's gradients (each computed its share of the same window)."""
-    import torch.distributed as dist
-
-    for parameter in parameters:
-        if parameter.grad is not None:
-            dist.all_reduce(parameter.grad)
 
 
 def read_base_ref(base_dir: str | Path) -> BaseRef:
@@ -73,25 +42,8 @@ def base_identity(ref: BaseRef, base_dir: str | Path) -> dict[str, Any]:
     """What identifies a base model: its reference, and a content hash of its `base` folder
     (the built weights and tokenizer, or the pointer naming a hub id and revision).
     Adapters can be combined only when this hash agrees."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    base_dir = Path(base_dir)
-    for path in sorted(p for p in base_dir.rglob("*") if p.is_file() and p.name != "base.json"):
-        digest.update(str(path.relative_to(base_dir)).encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
     return {"name_or_path": ref.name_or_path, "revision": ref.revision,
-            "sha256": digest.hexdigest()}
-
-
-def compute_dtype(quant: QuantConfig, device: torch.device) -> torch.dtype:
-    """The dtype a quantized model computes in: as pinned, or for `auto` bfloat16 where the
-    hardware has it natively, float16 on an older GPU, float32 on a CPU without bf16."""
-    if quant.compute_dtype != "auto":
-        return DTYPES[quant.compute_dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+            "sha256": sha256_folder(base_dir, exclude=("base.json",))}
 
 
 def forward_takes(model: Any, name: str) -> bool:
@@ -135,26 +87,6 @@ def shared_prefix_cache(model: Any, prefix: torch.Tensor, rows: int) -> Any:
         layer.keys = layer.keys.expand(rows, -1, -1, -1)
         layer.values = layer.values.expand(rows, -1, -1, -1)
     return cache
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere torch
-    emulates it, about 20x slower than float32 in 4-bit training on a 2-core AVX2 machine."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def resolved_quantization(config: ModelConfig) -> dict[str, Any] | None:
-    """The quantization settings as this machine runs them (recorded with each run)."""
-    if config.quantization is None:
-        return None
-    dtype = compute_dtype(config.quantization, device_for(config))
-    return config.quantization.model_dump(mode="json") | {
-        "compute_dtype": str(dtype).removeprefix("torch.")}
 
 
 def bitsandbytes_config(quant: QuantConfig | None,
@@ -471,28 +403,3 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak for `peak_memory_bytes`: one process may train several runs (the
-    CLI's `train` without `--run`), and each run reports its own."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the process's peak resident set (VmHWM) to its current size
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass  # elsewhere the peak stays the process's since it started
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory since `reset_peak_memory` (else since the process started): allocated GPU
-    memory on CUDA, resident set on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:
-        status = Path("/proc/self/status").read_text()
-        return next(int(line.split()[1]) * 1024 for line in status.splitlines()
-                    if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB

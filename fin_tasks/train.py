@@ -9,12 +9,12 @@ dynamically; gradients accumulate; the learning rate warms up then decays.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import math
 import random
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,25 +25,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fin_tasks import baselines
+from fin_tasks import baselines, checkpoints
 from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, sha256_file,
                                  write_csv, write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper
 from fin_tasks.encoding import Example, collate, encode
 from fin_tasks.events import emit
 from fin_tasks.heads import with_label_head
-from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument,
-                              data_parallel, device_for, forward_takes, load_base,
-                              load_tokenizer, peak_memory_bytes, read_base_ref,
-                              reset_peak_memory, resolved_quantization, shared_prefix_cache,
-                              sum_gradients, trainable_state, weight_hashes, with_lora,
-                              WEIGHTS_KEY)
+from fin_tasks.devices import (data_parallel, device_for, leave_data_parallel, numerics,
+                               resolved_quantization, sum_gradients)
+from fin_tasks.memory import peak_memory_bytes, reset_peak_memory
+from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument, forward_takes,
+                              load_base, load_tokenizer, read_base_ref, shared_prefix_cache,
+                              trainable_state, weight_hashes, with_lora, WEIGHTS_KEY)
 from fin_tasks.prompting import IGNORE
 from fin_tasks.runs import RunInputs, run_record, training_records, write_loss_plots
+from fin_tasks.sources import BaseRef
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = checkpoints.STATE
 
 
 # ---------------------------------------------------------------- batching
@@ -191,65 +192,91 @@ class Progress:
 def train(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
           out_dir: str | Path, checkpoint_root: str | Path = ".checkpoints",
           on_step: Callable[[int], None] | None = None,
-          plots_dir: str | Path | None = None) -> dict[str, Any]:
+          plots_dir: str | Path | None = None,
+          checkpoint_store: str | None = None) -> dict[str, Any]:
     """Train one run and write its adapter (or weights) and records into `out_dir`.
 
-    Checkpoints go to `checkpoint_root/<run>-<fingerprint>`, keyed by the content of the
-    config and data, so a rerun of the same run resumes and a changed one starts afresh.
+    Checkpoints go to `checkpoint_root/<run>-<fingerprint>` (see `fin_tasks.checkpoints`),
+    keyed by the run's settings, data, base and resolved numerics, so a rerun of the same run
+    resumes and a changed one starts afresh; with `checkpoint_store` each is also copied
+    there, and a run whose machine was lost resumes from it on another.
     `on_step(step)` is called after every optimizer step (tests use it to interrupt a run).
     `plots_dir` receives train_loss.csv and valid_loss.csv for `dvc plots`.
     Each optimizer step is also an `events` progress event, for the orchestrator.
     """
-    hyper, config, task = run.hyper, run.model, run.task
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
     check_writable(out_dir)  # before the training that would fill it
-    if config.kind in BASELINE_KINDS:
+    if run.model.kind in BASELINE_KINDS:
         return baselines.train_baseline(run, prepared_dir, out_dir, plots_dir)
     if run.entry.zero_shot:
         metrics = _zero_shot(run, prepared_dir, base_dir, out_dir)
         write_loss_plots(plots_dir, [], [])
         return metrics
-    device = device_for(config)
+    device = device_for(run.model)
     reset_peak_memory(device)  # this run's peak, loading included
     rank, world = data_parallel(device)
-    fingerprint = _fingerprint(run, hyper, prepared_dir, base_dir, world)
-    checkpoint_dir = Path(checkpoint_root) / f"{run.name}-{fingerprint[:12]}"
-    _seed_everything(hyper.seed)
     ref = read_base_ref(base_dir)
+    identity = base_identity(ref, base_dir)  # the base hashed once: fingerprint and record
+    parts = _fingerprint_parts(run, prepared_dir, identity["sha256"], world)
+    checkpoint_dir = checkpoints.folder(checkpoint_root, run.name, parts)
+    _seed_everything(run.hyper.seed)
+    loop, tokenizer = _prepared_loop(run, prepared_dir, ref, device, rank, world)
+    loop.on_checkpoint = functools.partial(_record_checkpoint, checkpoint_dir, run.name, parts,
+                                           checkpoint_store)
+    progress = _resume(loop, checkpoint_dir, checkpoint_root, run.name, parts, checkpoint_store)
+    loop.run(progress, checkpoint_dir, on_step)
+    if rank != 0:  # data parallel: every process holds the same weights; the first writes
+        leave_data_parallel(world, device)
+        return {"run": run.name, "rank": rank, "steps": progress.step}
+    record = run_record(run, prepared_dir) | {
+        "hyper": run.hyper.model_dump(mode="json"),
+        "quantization": resolved_quantization(run.model), "numerics": parts["numerics"],
+        "base": identity, "fingerprint": checkpoints.fingerprint(parts),
+        "packages": package_versions()}
+    metrics = _save(run, loop, progress, tokenizer, out_dir, record)
+    checkpoints.drop(checkpoint_dir, checkpoint_store)
+    write_loss_plots(plots_dir, loop.history, loop.valid_history)
+    leave_data_parallel(world, device)
+    return metrics
+
+
+def _prepared_loop(run: RunInputs, prepared_dir: Path, ref: BaseRef, device: torch.device,
+                   rank: int, world: int) -> tuple[_Loop, Any]:
+    """The run's model (LoRA or a label head on its base), its encoded splits and its loop."""
+    config, task, head = run.model, run.task, run.entry.head
     tokenizer = load_tokenizer(ref)
     base = load_base(config, ref, task.labels)
-    head = run.entry.head
     model = with_label_head(base, config, head, task.labels) if head else with_lora(base, config)
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     train_set, valid_set = (encode(training_records(prepared_dir / f"{split}.jsonl", task),
-                                   tokenizer, config, hyper.max_length, task, head)
+                                   tokenizer, config, run.hyper.max_length, task, head)
                             for split in ("train", "valid"))
-    loop = _Loop(model, hyper, train_set, valid_set, tokenizer.pad_token_id, device, rank, world)
-    progress = loop.resume(checkpoint_dir)
-    loop.run(progress, checkpoint_dir, on_step)
-    if rank != 0:  # data parallel: every process holds the same weights; the first writes
-        _finish(world)
-        return {"run": run.name, "rank": rank, "steps": progress.step}
-    record = run_record(run, prepared_dir) | {
-        "hyper": hyper.model_dump(mode="json"), "quantization": resolved_quantization(config),
-        "base": base_identity(ref, base_dir), "fingerprint": fingerprint,
-        "packages": package_versions()}
-    metrics = _save(run, loop, progress, tokenizer, out_dir, record)
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    write_loss_plots(plots_dir, loop.history, loop.valid_history)
-    _finish(world)
-    return metrics
+    loop = _Loop(model, run.hyper, train_set, valid_set, tokenizer.pad_token_id, device, rank,
+                 world)
+    return loop, tokenizer
 
 
-def _finish(world: int) -> None:
-    """Wait for every process of a data-parallel run, then leave the process group."""
-    if world > 1:
-        import torch.distributed as dist
+def _resume(loop: _Loop, checkpoint_dir: Path, root: str | Path, run: str,
+            parts: dict[str, Any], store: str | None) -> Progress:
+    """Where the loop starts: the store's checkpoint when it is ahead of the local one, the
+    local one, or step 0 (saying why when a checkpoint of other settings exists)."""
+    if store:
+        checkpoints.pull(checkpoint_dir, store)
+    if not (checkpoint_dir / CHECKPOINT).exists():
+        reason = checkpoints.why_fresh(root, run, parts)
+        if reason:
+            log.warning("%s", reason)
+    return loop.resume(checkpoint_dir)
 
-        dist.barrier()
-        dist.destroy_process_group()
+
+def _record_checkpoint(checkpoint_dir: Path, run: str, parts: dict[str, Any],
+                       store: str | None, step: int) -> None:
+    """After each checkpoint: its record beside it, and a copy in the shared store."""
+    checkpoints.write_record(checkpoint_dir, run, step, parts)
+    if store:
+        checkpoints.push(checkpoint_dir, store)
 
 
 def _zero_shot(run: RunInputs, prepared_dir: Path, base_dir: Path,
@@ -257,12 +284,13 @@ def _zero_shot(run: RunInputs, prepared_dir: Path, base_dir: Path,
     """A zero-shot run trains nothing: it records its base and keeps its tokenizer."""
     ref = read_base_ref(base_dir)
     metrics = run.names | {"steps": 0, "wall_s": 0.0, "peak_memory_bytes": None,
-                           "tokens_per_s": None, "best_valid": None, "zero_shot": True}
+                           "tokens_per_s": None, "best_valid": None, "zero_shot": True,
+                           **numerics(run.model)}
     with atomic_dir(out_dir) as scratch:
         load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
         write_json(scratch / "metrics.json", metrics)
         write_json(scratch / "train_config.json", run_record(run, prepared_dir) | {
-            "quantization": resolved_quantization(run.model),
+            "quantization": resolved_quantization(run.model), "numerics": numerics(run.model),
             "base": base_identity(ref, base_dir), "packages": package_versions()})
     log.info("zero-shot %s: nothing to train; %s answers as it is", run.name, run.entry.model)
     return metrics
@@ -274,19 +302,18 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _fingerprint(run: RunInputs, hyper: Hyper, prepared_dir: Path, base_dir: Path,
-                 world: int = 1) -> str:
-    """Content hash of everything that shapes a run: its config, data and base."""
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"hyper": hyper.model_dump(), "processes": world,
-                              "head": run.entry.head and run.entry.head.model_dump(),
-                              "model": run.model.model_dump(mode="json"),
-                              "task": run.task_config.model_dump(mode="json")},
-                             sort_keys=True).encode())
-    for path in sorted(prepared_dir.glob("*.jsonl")) + sorted(p for p in base_dir.rglob("*")
-                                                              if p.is_file()):
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
+def _fingerprint_parts(run: RunInputs, prepared_dir: Path, base_sha256: str,
+                       world: int = 1) -> dict[str, Any]:
+    """What shapes a run's numbers, part by part: its settings, data, base and the numerics
+    this machine resolves (see `fin_tasks.checkpoints`)."""
+    settings = json.dumps({"hyper": run.hyper.model_dump(), "processes": world,
+                           "head": run.entry.head and run.entry.head.model_dump(),
+                           "model": run.model.model_dump(mode="json"),
+                           "task": run.task_config.model_dump(mode="json")}, sort_keys=True)
+    data = hashlib.sha256("".join(sha256_file(path) for path in
+                                  sorted(prepared_dir.glob("*.jsonl"))).encode())
+    return {"settings": hashlib.sha256(settings.encode()).hexdigest(),
+            "data": data.hexdigest(), "base": base_sha256, "numerics": numerics(run.model)}
 
 
 class _Loop:
@@ -319,6 +346,7 @@ class _Loop:
         self.best_state: dict[str, torch.Tensor] | None = None
         self._epoch_cache: dict[int, list[list[int]]] = {}
         self.higher_is_better = isinstance(train_set[0].labels, int)  # a classifier's F1
+        self.on_checkpoint: Callable[[int], None] | None = None
 
     def micro_batch(self, index: int) -> list[Example]:
         """The index-th micro-batch of the stream (epochs follow each other)."""
@@ -439,6 +467,8 @@ class _Loop:
         torch.save(state, scratch)
         scratch.replace(checkpoint_dir / CHECKPOINT)
         log.info("checkpoint at step %d -> %s", progress.step, checkpoint_dir)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(progress.step)
 
     def resume(self, checkpoint_dir: Path) -> Progress:
         """Restore the last checkpoint of this exact run, if there is one."""
@@ -525,6 +555,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
         "examples_per_s": round(progress.examples / max(progress.elapsed, 1e-9), 3),
         "peak_memory_bytes": peak_memory_bytes(loop.device),
         "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
+        **record["numerics"],
     }
     weights = weights_folder(run)
     with atomic_dir(out_dir) as scratch:

@@ -339,11 +339,30 @@ def test_a_merge_of_runs_on_different_base_models_is_a_config_error() -> None:
         parse_params(base)
 
 
+def _merged_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model" / "model.safetensors")
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return any(not torch.equal(a[name], b[name]) for name in a)
+
+
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
-def test_weighted_combinations_run_and_report_their_error(method, workspace, trained_pair,
-                                                          tmp_path: Path) -> None:
-    record = _merge(_numllm_params(method, density=0.5), workspace, trained_pair,
-                    tmp_path / method)
+def test_weighted_combinations_follow_weights_and_density_and_their_error_limit(
+        method, workspace, trained_pair, tmp_path: Path) -> None:
+    record = _merge(_numllm_params(method, density=0.5), workspace, trained_pair, tmp_path / "a")
     check = record["check"]
-    assert check["passed"] and check["limit"] is None and math.isfinite(check["max_abs_diff"])
-    assert (tmp_path / method / "model" / "model.safetensors").exists()
+    assert check["limit"] is None and 1e-6 < check["max_abs_diff"] < math.inf
+    merged = _merged_weights(tmp_path / "a")
+    swapped = _merge(_numllm_params(method, density=0.5, weights=[0.5, 1.0]), workspace,
+                     trained_pair, tmp_path / "b")
+    assert swapped["weights"] == [0.5, 1.0] and _differ(merged, _merged_weights(tmp_path / "b"))
+    if method != "linear":  # density: the share of each update's values that ties keeps
+        _merge(_numllm_params(method, density=1.0), workspace, trained_pair, tmp_path / "c")
+        assert _differ(merged, _merged_weights(tmp_path / "c"))
+    strict = _numllm_params(method, density=0.5, max_error=check["max_abs_diff"] / 2)
+    with pytest.raises(ModelError, match="failed its check"):
+        _merge(strict, workspace, trained_pair, tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()

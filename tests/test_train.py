@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from pathlib import Path
 
@@ -94,21 +96,33 @@ def test_encoder_lora_trains_the_head_and_adapters_only(workspace, tmp_path) -> 
     assert all("classifier" in k or "lora_" in k for k in changed), sorted(changed)[:5]
 
 
+class _Steps:
+    """The optimizer steps a training reports; a simulated kill after step `crash_at`."""
+
+    def __init__(self, crash_at: int | None = None) -> None:
+        self.seen: list[int] = []
+        self.crash_at = crash_at
+
+    def __call__(self, step: int) -> None:
+        self.seen.append(step)
+        if step == self.crash_at:
+            raise KeyboardInterrupt(f"simulated kill at step {step}")
+
+
 def test_train_writes_adapter_records_and_resumes_exactly(workspace, tmp_path) -> None:
     params = make_params(hyper={"max_steps": 7, "checkpoint_every": 3})
     args = (resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
             workspace / "base/tiny")
     straight = train(*args, tmp_path / "straight", checkpoint_root=tmp_path / "ck1")
-
-    def crash(step: int) -> None:
-        if step == 5:
-            raise KeyboardInterrupt("simulated kill at step 5")
-
     with pytest.raises(KeyboardInterrupt):
-        train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2", on_step=crash)
+        train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2", on_step=_Steps(5))
     assert not (tmp_path / "resumed").exists(), "an interrupted run left an output"
-    assert len(list((tmp_path / "ck2").glob("*/checkpoint.pt"))) == 1
-    resumed = train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2")
+    [record] = (tmp_path / "ck2").glob("*/checkpoint.json")
+    assert json.loads(record.read_text())["step"] == 3  # the last checkpoint before the kill
+    steps = _Steps()
+    resumed = train(*args, tmp_path / "resumed", checkpoint_root=tmp_path / "ck2",
+                    on_step=steps)
+    assert steps.seen == [4, 5, 6, 7], "the rerun did not start where the checkpoint stopped"
     assert not any((tmp_path / "ck2").iterdir()), "checkpoints kept after a finished run"
 
     # Same seed, same data order: the resumed adapter equals the uninterrupted one
@@ -124,20 +138,59 @@ def test_train_writes_adapter_records_and_resumes_exactly(workspace, tmp_path) -
     for name in ("metrics.json", "train_config.json", "valid.csv", "tokenizer/tokenizer.json"):
         assert (tmp_path / "resumed" / name).exists(), name
     assert straight["tokens_per_s"] > 0 and straight["peak_memory_bytes"] > 0
+    numerics = {"compute_dtype": "float32", "device": "cpu"}  # the tiny model pins float32
+    config = json.loads((tmp_path / "resumed/train_config.json").read_text())
+    assert config["numerics"] == numerics and numerics.items() <= resumed.items()
 
 
-def test_a_changed_config_does_not_resume_a_stale_checkpoint(workspace, tmp_path) -> None:
-    def crash(step: int) -> None:
-        if step == 3:
-            raise KeyboardInterrupt
-
-    for lr in (5e-3, 1e-3):
-        params = make_params(hyper={"lr": lr, "max_steps": 4, "checkpoint_every": 2})
+def test_a_changed_config_starts_afresh_and_says_why(workspace, tmp_path, caplog,
+                                                     monkeypatch) -> None:
+    """Other settings, or the same params where `compute_dtype: auto` resolves otherwise
+    (another machine's CPU), start from step 0 with a message naming what changed."""
+    def interrupted(lr: float, native_bf16: bool) -> list[int]:
+        monkeypatch.setattr("fin_tasks.devices.cpu_has_native_bf16", lambda: native_bf16)
+        params = make_params({"quantization": QUANT | {"compute_dtype": "auto"}},
+                             hyper={"lr": lr, "max_steps": 4, "checkpoint_every": 2})
+        steps = _Steps(3)
         with pytest.raises(KeyboardInterrupt):
             train(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
                   workspace / "base/tiny", tmp_path / "out", checkpoint_root=tmp_path / "ck",
-                  on_step=crash)
-    assert len(list((tmp_path / "ck").iterdir())) == 2
+                  on_step=steps)
+        return steps.seen
+
+    assert interrupted(5e-3, native_bf16=False) == [1, 2, 3]
+    assert interrupted(5e-3, native_bf16=False) == [3], "the same run did not resume"
+    caplog.set_level(logging.WARNING, logger="fin_tasks.train")
+    assert interrupted(1e-3, native_bf16=False) == [1, 2, 3]
+    assert "step 2 in" in caplog.text and "made with other settings; starting afresh" in \
+        caplog.text
+    caplog.clear()
+    assert interrupted(1e-3, native_bf16=True) == [1, 2, 3]
+    assert ("made with numerics compute_dtype float32 (now bfloat16); starting afresh"
+            in caplog.text)
+    assert len(list((tmp_path / "ck").iterdir())) == 3
+
+
+def test_a_lost_machine_resumes_from_the_shared_store(workspace, tmp_path) -> None:
+    """Two machines, each with its own local checkpoints, one store: the second machine
+    resumes where the first one's last pushed checkpoint stopped, with the same adapter."""
+    params = make_params(hyper={"max_steps": 7, "checkpoint_every": 3})
+    args = (resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
+            workspace / "base/tiny")
+    store = tmp_path / "store"
+    train(*args, tmp_path / "straight", checkpoint_root=tmp_path / "ck0")
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "a-out", checkpoint_root=tmp_path / "machine-a",
+              on_step=_Steps(5), checkpoint_store=str(store))
+    [pushed] = store.iterdir()
+    assert sorted(p.name for p in pushed.iterdir()) == ["checkpoint.json", "checkpoint.pt"]
+    steps = _Steps()
+    train(*args, tmp_path / "b-out", checkpoint_root=tmp_path / "machine-b", on_step=steps,
+          checkpoint_store=str(store))
+    assert steps.seen == [4, 5, 6, 7]
+    assert not any(store.iterdir()), "the store kept a finished run's checkpoint"
+    assert (tmp_path / "straight/adapter/adapter_model.safetensors").read_bytes() == (
+        tmp_path / "b-out/adapter/adapter_model.safetensors").read_bytes()
 
 
 def test_full_fine_tuning_is_an_option_of_the_same_stage(workspace, tmp_path) -> None:
@@ -359,7 +412,7 @@ def test_stored_vocabulary_trains_as_peft_preparation_does(workspace, compute) -
 
 PEAK_RESET = """
 import torch
-from fin_tasks.models import peak_memory_bytes, reset_peak_memory
+from fin_tasks.memory import peak_memory_bytes, reset_peak_memory
 
 cpu = torch.device("cpu")
 block = torch.ones(256 * 2**20 // 4)  # 256 MiB, written, so resident
