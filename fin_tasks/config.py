@@ -326,6 +326,10 @@ class Hyper(Strict):
     """Smallest change of the validation metric that counts as an improvement."""
     select_best: bool = True
     """Keep the adapter of the best validation pass rather than the last."""
+    selection_fraction: float | None = Field(None, gt=0, lt=0.5)
+    """Share of train carved off (seeded, stratified by label) for the validation passes that
+    pick the best step and stop early, so valid's scores are not selected on (None: valid
+    does it, and the leaderboard marks those scores)."""
 
 
 class HeadConfig(Strict):

@@ -53,7 +53,10 @@ def leaderboard_rows(params: Params, layout: Layout,
                    layout.trained(run) / "head" / "adapter_model.safetensors",  # a head's LoRA
                    layout.trained(run) / "head" / "head.safetensors")  # a probe's head alone
         adapter = next((path for path in weights if path.exists()), weights[0])
+        numerics = (f"{training['compute_dtype']} on {training['device']}"
+                    if training.get("compute_dtype") else None)
         rows += _rows(params, layout, run, spec.task, spec.model, {
+            "numerics": numerics, "selected_on": training.get("selected_on"),
             "train_s": training.get("wall_s"),
             "peak_mib": round(training["peak_memory_bytes"] / 2**20)
             if training.get("peak_memory_bytes") else None,
@@ -63,14 +66,13 @@ def leaderboard_rows(params: Params, layout: Layout,
         if name in failed:
             continue
         model = params.train.runs[merge.adapters[0]].model
-        rows += _rows(params, layout, name, merge.evaluate_on, model,
-                      {"train_s": None, "peak_mib": None, "tokens_per_s": None,
-                       "adapter_sha256": None})
+        rows += _rows(params, layout, name, merge.evaluate_on, model, dict.fromkeys(
+            ("numerics", "selected_on", "train_s", "peak_mib", "tokens_per_s", "adapter_sha256")))
     for name, ensemble in params.ensemble.items():
         if name not in failed:
-            rows += _rows(params, layout, name, ensemble.task, "ensemble",
-                          dict.fromkeys(("train_s", "peak_mib", "tokens_per_s",
-                                         "adapter_sha256")))
+            rows += _rows(params, layout, name, ensemble.task, "ensemble", dict.fromkeys(
+                ("numerics", "selected_on", "train_s", "peak_mib", "tokens_per_s",
+                 "adapter_sha256")))
     return sorted(rows, key=lambda r: (r["task"], r["split"],
                                        kinds.get(r["kind"]).sort_key(r["score"])))
 
@@ -113,6 +115,7 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
     submissions = {task: json.loads((layout.submission(task) / "validation.json").read_text())
                    for task in sorted(params.submit.tasks)
                    if (layout.submission(task) / "validation.json").exists()}
+    mark_selection(rows, submissions)
     with atomic_dir(out_dir) as scratch:
         fields = list(dict.fromkeys(k for row in rows for k in row))
         with (scratch / "leaderboard.csv").open("w", newline="", encoding="utf-8") as handle:
@@ -124,6 +127,23 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
         (scratch / "leaderboard.md").write_text(
             markdown(params, layout, rows, submissions, failed, unscored), encoding="utf-8")
     return rows
+
+
+def mark_selection(rows: list[dict[str, Any]], submissions: dict[str, Any]) -> None:
+    """Name, on each row, what was chosen on that very row's scores (`chosen_on_these_rows`):
+    the best step of a run that selects on valid, the run a submission picked on valid
+    among several.
+    Such a score is optimistic: it was the selection criterion as well as the result."""
+    picked = {(task, report["run"], report["variant"]) for task, report in submissions.items()
+              if report.get("picked_from", 1) > 1}  # a run named in params was not picked
+    for row in rows:
+        chosen = []
+        if row["split"] == "valid" and row.get("selected_on") == "valid" and \
+                row["variant"] not in ("base", "baseline"):
+            chosen.append("best step")
+        if row["split"] == "valid" and (row["task"], row["run"], row["variant"]) in picked:
+            chosen.append("submission")
+        row["chosen_on_these_rows"] = ", ".join(chosen) or None
 
 
 def _option(params: Params, name: str) -> str:
@@ -185,6 +205,36 @@ def _tiny_note(params: Params, rows: list[dict[str, Any]]) -> list[str]:
             "pipeline runs end to end, not how well the method works.", ""]
 
 
+def _table(task: str, split: str, kind: str, part: list[dict[str, Any]]) -> list[str]:
+    """One task's rows of one split, best first, as a Markdown table."""
+    metric = part[0]["metric"]
+    columns = [c for c in kinds.get(kind).columns if c != metric]
+    lines = [f"## {task} ({split}, ranked by {metric})", "",
+             "| # | run | variant | " + metric + " (95% CI) | " + " | ".join(columns)
+             + " | numerics | train s | tokens/s | peak MiB | data | adapter |",
+             "|" + "---|" * (10 + len(columns))]
+    for rank, r in enumerate(part, start=1):
+        ci = f" ({_fmt(r['ci95_low'])}-{_fmt(r['ci95_high'])})" if r["ci95_low"] is not None \
+            else ""
+        lines.append(f"| {rank} | {r['run']}{_flags(r)} | {r['variant']} | "
+                     f"{_fmt(r['score'])}{ci} | " + " | ".join(_fmt(r[c]) for c in columns)
+                     + f" | {_fmt(r['numerics'])} | {_fmt(r['train_s'])} | "
+                     f"{_fmt(r['tokens_per_s'])} | {_fmt(r['peak_mib'])} | "
+                     f"{r['data_sha256']} | {r['adapter_sha256'] or '-'} |")
+    return lines + [""]
+
+
+def _flags(row: dict[str, Any]) -> str:
+    """What a reader must know beside a row's score: a collapsed model, an ensemble's
+    out-of-fold figures, a score that was also the selection criterion."""
+    flag = " (one class)" if row.get("single_class") and row["variant"] != "baseline" else ""
+    if row["model"] == "ensemble" and row["split"] == "valid":
+        flag += " (see Ensembles)"
+    if row.get("chosen_on_these_rows"):
+        flag += f" (selected on these rows: {row['chosen_on_these_rows']})"
+    return flag
+
+
 def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
              submissions: dict[str, Any], failed: dict[str, str] | None = None,
              unscored: list[str] | tuple[str, ...] = ()) -> str:
@@ -197,33 +247,18 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
         kind = next(r["kind"] for r in rows if r["task"] == task)
         for split in ("valid", "test"):
             part = [r for r in rows if r["task"] == task and r["split"] == split]
-            if not part:
-                continue
-            metric = part[0]["metric"]
-            columns = [c for c in kinds.get(kind).columns if c != metric]
-            lines += [f"## {task} ({split}, ranked by {metric})", "",
-                      "| # | run | variant | " + metric + " (95% CI) | " + " | ".join(columns)
-                      + " | train s | tokens/s | peak MiB | data | adapter |",
-                      "|" + "---|" * (9 + len(columns))]
-            for rank, r in enumerate(part, start=1):
-                ci = f" ({_fmt(r['ci95_low'])}-{_fmt(r['ci95_high'])})" if r["ci95_low"] is not \
-                    None else ""
-                flag = " (one class)" if r.get("single_class") and r["variant"] != "baseline" \
-                    else ""
-                if r["model"] == "ensemble" and split == "valid":
-                    flag += " (see Ensembles)"
-                lines.append(f"| {rank} | {r['run']}{flag} | {r['variant']} | "
-                             f"{_fmt(r['score'])}{ci} | "
-                             + " | ".join(_fmt(r[c]) for c in columns)
-                             + f" | {_fmt(r['train_s'])} | {_fmt(r['tokens_per_s'])} | "
-                             f"{_fmt(r['peak_mib'])} | "
-                             f"{r['data_sha256']} | {r['adapter_sha256'] or '-'} |")
-            lines.append("")
+            if part:
+                lines += _table(task, split, kind, part)
         anchor_key = ANCHOR_TYPES.get(params.tasks[task].type)
         if anchor_key:
             lines += [f"Published ({anchor_key}, official test set): " + "; ".join(
                 f"{name} " + ", ".join(f"{k} {v}" for k, v in values.items())
                 for name, values in ANCHORS[anchor_key]), ""]
+    if any(r.get("chosen_on_these_rows") for r in rows):
+        lines += ["(selected on these rows): that score was also the selection criterion (the "
+                  "best step of the training, or the run the submission picked), so it is "
+                  "optimistic. `train.defaults.selection_fraction` picks the best step on rows "
+                  "carved from train instead; the test rows are never selected on.", ""]
     if any(r.get("single_class") and r["variant"] != "baseline" for r in rows):
         lines += ["(one class): every prediction of that row is the same label (or missing): "
                   "the model collapsed, and its score is what a majority-class guess gets.", ""]

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv
 from fin_tasks.config import (EvaluateConfig, Hyper, MergeConfig, ModelConfig, Params,
                               PredictConfig, Run, TaskConfig)
+from fin_tasks.errors import ConfigError
 from fin_tasks.tasks import Task, task_from_config
 
 
@@ -96,6 +99,33 @@ def labeled_records(path: Path) -> list[dict[str, Any]]:
 def training_records(path: Path, task: Task) -> list[dict[str, Any]]:
     """Records a run learns from: every text of a corpus, else the labeled records."""
     return labeled_records(path) if task.kind.labeled else read_jsonl(path)
+
+
+def selection_split(records: list[dict[str, Any]], fraction: float, seed: int
+                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(rows to train on, rows to select the best step on): `fraction` of each label's rows,
+    drawn with `seed`, in their original order."""
+    rng = np.random.default_rng(seed)
+    by_label: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        by_label.setdefault(str(record.get("answer")), []).append(index)
+    chosen: set[int] = set()
+    for label in sorted(by_label):
+        rows = by_label[label]
+        chosen.update(rng.choice(rows, size=round(len(rows) * fraction), replace=False).tolist())
+    if not chosen or len(chosen) == len(records):
+        raise ConfigError(f"selection_fraction {fraction} of {len(records)} train rows leaves "
+                          "no rows to select on or none to train on")
+    return ([r for i, r in enumerate(records) if i not in chosen],
+            [r for i, r in enumerate(records) if i in chosen])
+
+
+def selected_on(hyper: Hyper) -> str | None:
+    """The rows a run's best step or early stop is chosen on: `valid`, `selection` (carved
+    from train), or None when nothing is chosen (the last step is kept)."""
+    if not hyper.select_best and hyper.early_stopping_patience is None:
+        return None
+    return "selection" if hyper.selection_fraction else "valid"
 
 
 def write_loss_plots(plots_dir: str | Path | None, history: list[dict[str, Any]],

@@ -33,8 +33,9 @@ class SubmissionError(ValueError):
     """A bundle that would be refused by the organizers; nothing is written."""
 
 
-def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, float]:
-    """The (run, variant) a task submits, and its validation score."""
+def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, float, int]:
+    """The (run, variant) a task submits, its validation score, and how many candidates it
+    was picked from on that score (1: params named it)."""
     choice = params.submit.tasks[task_name]
     task = task_from_config(task_name, params.tasks[task_name])
     key = task.kind.ranking
@@ -66,7 +67,7 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
         raise SubmissionError(f"submit.tasks.{task_name}: no evaluated run matches "
                               f"run={choice.run}, variant={choice.variant}")
     score, run, variant = min(candidates, key=lambda c: task.kind.sort_key(c[0]))
-    return run, variant, score
+    return run, variant, score, len(candidates)
 
 
 def _predictions_file(params: Params, layout: Layout, name: str, variant: str,
@@ -132,7 +133,7 @@ def submit_task(task_name: str, params: Params, root: str | Path,
     """Build and validate the submission bundle of one task under `out_dir`."""
     layout = Layout(Path(root))
     task = task_from_config(task_name, params.tasks[task_name])
-    run, variant, valid_score = choose(task_name, params, layout)
+    run, variant, valid_score, compared = choose(task_name, params, layout)
     test = read_jsonl(layout.prepared(task_name) / "test.jsonl")
     evaluation = layout.read_evaluation(run)
     predictions_file = _predictions_file(params, layout, run, variant)
@@ -158,7 +159,7 @@ def submit_task(task_name: str, params: Params, root: str | Path,
         card = model_card(task_name, params, run, variant, evaluation, report, bundled, layout)
         (scratch / "MODEL_CARD.md").write_text(card, encoding="utf-8")
         report |= {"task": task_name, "run": run, "variant": variant,
-                   "valid_" + task.kind.ranking: valid_score,
+                   "valid_" + task.kind.ranking: valid_score, "picked_from": compared,
                    "predictions_sha256": sha256_file(scratch / "predictions.csv")}
         write_json(scratch / "validation.json", report)
     log.info("submission %s: run %s (%s), %d rows -> %s", task_name, run, variant,

