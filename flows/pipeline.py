@@ -18,6 +18,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -124,11 +125,12 @@ def run_here(stage: Stage, workdir: str, upstream: dict[str, Any] | None = None,
 
 @task(task_run_name="{stage_name} (gpu pool)")
 def run_on_gpu_pool(stage_name: str, upstream: dict[str, Any], workdir: str,
-                    changed: bool = True, deployment: str = GPU_DEPLOYMENT) -> str:
+                    changed: bool = True, deployment: str = GPU_DEPLOYMENT,
+                    resubmits: int = 2) -> str:
     """Run one stage as a flow run on the GPU pool, through the DVC remote both ways, once
-    the `upstream` stages' futures have resolved; skipped if one of them did not complete."""
-    from prefect.deployments import run_deployment
-
+    the `upstream` stages' futures have resolved; skipped if one of them did not complete.
+    A flow run that crashed (its worker lost: see `flows.deploy.crash_lost_stages`) is
+    resubmitted up to `resubmits` times; a training resumes from the shared checkpoint store."""
     blocked = _blocked(upstream)
     if blocked:
         return f"skipped: {blocked} did not complete"
@@ -138,14 +140,36 @@ def run_on_gpu_pool(stage_name: str, upstream: dict[str, Any], workdir: str,
         transfer("push", list(upstream), workdir)
     lock = (Path(workdir) / "dvc.lock").read_text(encoding="utf-8")
     params = (Path(workdir) / "params.yaml").read_text(encoding="utf-8")
-    run = run_deployment(deployment, parameters={"stage_name": stage_name, "lock": lock,
-                                                 "params": params}, timeout=None)
-    if not run.state or not run.state.is_completed():
-        raise StageFailed(stage_name, 1, f"gpu flow run {run.name} ended "
-                          f"{run.state.name if run.state else 'without a state'}", False)
+    run = _run_until_not_crashed(stage_name, deployment, {
+        "stage_name": stage_name, "lock": lock, "params": params}, resubmits,
+        get_run_logger().warning)
     adopt_lock_entry(stage_name, _lock_entry_from(run.id), workdir)
     transfer("pull", [stage_name], workdir)
     return "ran"
+
+
+def _run_until_not_crashed(stage_name: str, deployment: str, parameters: dict[str, Any],
+                           resubmits: int, warn: Callable[[str], None]) -> Any:
+    """The stage's completed flow run, after at most `resubmits` resubmissions of crashed
+    ones; StageFailed naming the stage and what happened otherwise."""
+    from prefect.deployments import run_deployment
+
+    for attempt in range(resubmits + 1):
+        run = run_deployment(deployment, parameters=parameters, timeout=None)
+        state = run.state
+        if state is not None and state.is_completed():
+            return run
+        ended = f"gpu flow run {run.name} ended {state.name if state else 'without a state'}"
+        if state is None or not state.is_crashed():
+            raise StageFailed(stage_name, 1, f"{ended}: {state.message if state else ''}",
+                              False)
+        if attempt == resubmits:
+            raise StageFailed(stage_name, 1, f"{ended} ({state.message}); crashed "
+                              f"{attempt + 1} times, so not resubmitted again "
+                              f"(schedule.gpu_resubmits: {resubmits})", False)
+        warn(f"{stage_name}: {ended} ({state.message}); resubmitting "
+             f"({attempt + 1} of {resubmits})")
+    raise AssertionError("unreachable")
 
 
 def _lock_entry_from(flow_run_id: Any) -> dict:
@@ -263,7 +287,8 @@ def _submit(node: Stage, params: Any, workdir: str, dispatch_gpu: bool,
     if node.group == "train" and node.key in params.train.runs:
         model = params.models[params.train.runs[node.key].model]
         if model.gpu and dispatch_gpu:
-            return run_on_gpu_pool.submit(node.name, upstream, workdir, changed)
+            return run_on_gpu_pool.submit(node.name, upstream, workdir, changed,
+                                          resubmits=schedule_config(params).gpu_resubmits)
         if model.gpu:
             return run_here.with_options(tags=[gpu_tag()]).submit(node, workdir, upstream,
                                                                    changed)

@@ -189,3 +189,36 @@ def test_the_committed_dvc_lock_is_current(tmp_path) -> None:
              for stage, changes in status.items()}
     stale = {stage: [c for c in changes if c] for stage, changes in stale.items()}
     assert not {s: c for s, c in stale.items() if c}, "dvc.lock is stale: run `dvc repro`"
+
+
+class _Run:
+    """What `run_deployment` returns: a flow run with a name and a final state."""
+
+    def __init__(self, number: int, state) -> None:
+        self.name, self.state, self.id = f"run-{number}", state, number
+
+
+def test_a_crashed_gpu_stage_is_resubmitted_a_bounded_number_of_times(monkeypatch) -> None:
+    from prefect.states import Completed, Crashed, Failed
+
+    import flows.pipeline as pipeline
+
+    def deployments(states):
+        queue = iter(states)
+        monkeypatch.setattr("prefect.deployments.run_deployment",
+                            lambda *a, **k: next(queue))
+
+    warnings: list[str] = []
+    lost = Crashed(message="no heartbeat for 180 s: the GPU worker was lost")
+    deployments([_Run(1, lost), _Run(2, Completed())])
+    run = pipeline._run_until_not_crashed("train@x", "d", {}, 2, warnings.append)
+    assert run.name == "run-2" and len(warnings) == 1 and "resubmitting (1 of 2)" in warnings[0]
+    deployments([_Run(n, lost) for n in (1, 2, 3)] + [_Run(4, Completed())])
+    with pytest.raises(StageFailed) as failed:
+        pipeline._run_until_not_crashed("train@x", "d", {}, 2, warnings.append)
+    assert failed.value.stage == "train@x"
+    assert "run-3 ended Crashed" in failed.value.reason and "crashed 3 times" in \
+        failed.value.reason and "schedule.gpu_resubmits: 2" in failed.value.reason
+    deployments([_Run(1, Failed(message="exit 2"))])  # a failure is not a lost worker
+    with pytest.raises(StageFailed, match="run-1 ended Failed: exit 2"):
+        pipeline._run_until_not_crashed("train@x", "d", {}, 2, warnings.append)

@@ -1,18 +1,26 @@
-"""End to end on loopback: a real Prefect server, a CPU worker and two GPU-pool workers (each
-with its own checkout, standing in for two GPU machines), the scheduled deployment, one
-triggered run, the DVC remote they share, and the dashboard in headless Chromium."""
+"""End to end on loopback: a real Prefect server with basic auth on, a CPU worker and two
+GPU-pool workers (each with its own checkout, standing in for two GPU machines), the scheduled
+deployment, one triggered run, the DVC remote and the checkpoint store they share, a GPU
+machine lost mid-training (its training resumes on the other), and the dashboard in headless
+Chromium."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import http.server
 import json
+import secrets
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +33,7 @@ from conftest import ROOT, project_copy
 pytestmark = pytest.mark.slow
 
 PYTHON = sys.executable
+RUN = "tiny-llama-finarg_ecc"
 TINY = {"kind": "causal", "source": "tiny", "gpu": True,
         "tiny": {"hidden_size": 64, "intermediate_size": 128, "num_layers": 2, "num_heads": 2,
                  "vocab_size": 512},
@@ -44,9 +53,12 @@ def _params() -> dict:
             "evaluate": {"bootstrap": 50, "bertscore_model": None},
             "submit": {"tasks": {"finarg_ecc": {}}}}
     raw["train"] = {"defaults": raw["train"]["defaults"] | {"epochs": 1, "max_length": 128},
-                    "runs": {"tiny-llama-finarg_ecc": {"model": "tiny-llama", "task": "finarg_ecc"},
+                    "runs": {RUN: {"model": "tiny-llama", "task": "finarg_ecc",
+                                   "hyper": {"max_steps": 240, "checkpoint_every": 8}},
                              "minilm-finarg_ecc": {"model": "minilm", "task": "finarg_ecc"}}}
-    raw["schedule"] |= {"dispatch_gpu": True, "push": True}
+    # heartbeats every 30 s (Prefect's minimum): a silent stage is crashed after 60 s
+    raw["schedule"] |= {"dispatch_gpu": True, "push": True, "heartbeat_s": 30,
+                        "lost_after_s": 60, "gpu_resubmits": 1}
     return raw
 
 
@@ -92,7 +104,10 @@ class Cluster:
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     base = tmp_path_factory.mktemp("cluster")
     port = _free_port()
+    auth = f"fin:{secrets.token_urlsafe(16)}"
     env = os.environ | {
+        "PREFECT_SERVER_API_AUTH_STRING": auth, "PREFECT_API_AUTH_STRING": auth,
+        "FIN_TASKS_CHECKPOINT_STORE": str(base / "checkpoint-store"),
         "PREFECT_HOME": str(base / "prefect-home"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
         "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -113,14 +128,16 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             [PYTHON, "-m", "prefect", "worker", "start", "--pool", "cpu", "--limit", "4",
              "--name", "cpu-worker"], orchestrator, "worker-cpu.log",
             {"FIN_TASKS_WORKSPACE": str(orchestrator)}))
+        machines = {}
         for name, root in gpus.items():
-            processes.workers.append(processes.start(
+            machines[name] = processes.start(
                 [PYTHON, "-m", "prefect", "worker", "start", "--pool", "gpu", "--limit", "1",
                  "--name", name], root, f"worker-{name}.log",
                 {"FIN_TASKS_WORKSPACE": str(root), "FIN_TASKS_MACHINE": name,
-                 "FIN_TASKS_GPUS": "1"}))
+                 "FIN_TASKS_GPUS": "1"})
+            processes.workers.append(machines[name])
         yield {"port": port, "env": env, "orchestrator": orchestrator, "remote": remote,
-               "base": base}
+               "base": base, "auth": auth, "gpus": gpus, "machines": machines, "runs": {}}
     finally:
         processes.stop()
 
@@ -154,19 +171,45 @@ def _client(env: dict):
             os.environ["PREFECT_API_URL"] = before
 
 
+def _status(url: str, auth: str | None = None) -> int:
+    """HTTP status of a flow-run query, with or without the basic-auth credential."""
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(url, data=b"{}", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def _finished(client, run_id, seconds: float):
+    deadline = time.monotonic() + seconds
+    while not (state := client.read_flow_run(run_id).state).is_final():
+        assert time.monotonic() < deadline, f"the pipeline run did not finish in {seconds} s"
+        time.sleep(3)
+    return state
+
+
+def _adapter_sha256(root: Path) -> str:
+    return hashlib.sha256((root / "outputs/train" / RUN / "adapter/adapter_model.safetensors"
+                           ).read_bytes()).hexdigest()
+
+
 def test_scheduled_deployment_runs_across_workers_and_the_dvc_remote(cluster) -> None:
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
                                                 FlowFilter, FlowFilterName)
 
+    api = f"http://127.0.0.1:{cluster['port']}/api/flow_runs/filter"
+    assert _status(api) == 401, "the server answered a request without credentials"
+    assert _status(api, "fin:wrong") == 401 and _status(api, cluster["auth"]) == 200
     with _client(cluster["env"]) as client:
         deployment = client.read_deployment_by_name("fin-tasks/nightly")
         schedule = deployment.schedules[0].schedule
         assert schedule.cron == "0 2 * * *" and deployment.work_pool_name == "cpu"
         run = client.create_flow_run_from_deployment(deployment.id)
-        deadline = time.monotonic() + 1200
-        while not (state := client.read_flow_run(run.id).state).is_final():
-            assert time.monotonic() < deadline, "the pipeline run did not finish in 20 minutes"
-            time.sleep(3)
+        state = _finished(client, run.id, 1200)
         logs = sorted(p.name for p in cluster["base"].glob("*.log"))
         assert state.is_completed(), f"{state.name}: {state.message} (logs: {logs})"
         stage_runs = client.read_flow_runs(flow_filter=FlowFilter(
@@ -195,17 +238,128 @@ def test_scheduled_deployment_runs_across_workers_and_the_dvc_remote(cluster) ->
     assert (reader / "outputs/report/leaderboard.md").read_text() == (
         cluster["orchestrator"] / "outputs/report/leaderboard.md").read_text()
     assert (reader / "outputs/train/minilm-finarg_ecc/adapter").is_dir()
-    _screenshot(cluster, run)
+    cluster["runs"]["first"] = run
+    cluster["runs"]["adapter"] = _adapter_sha256(cluster["orchestrator"])
+    assert not any((cluster["base"] / "checkpoint-store").iterdir()), "checkpoints left behind"
 
 
-def _screenshot(cluster: dict, run) -> None:
-    """The run's dashboard page in headless Chromium: a PNG, and the run's name on it."""
+def _training_machine(cluster: dict, seconds: float) -> str:
+    """The GPU machine that has written a checkpoint of RUN (it is training it now)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for name, root in cluster["gpus"].items():
+            for record in (root / ".checkpoints").glob(f"{RUN}-*/checkpoint.json"):
+                if json.loads(record.read_text())["step"] >= 8:
+                    return name
+        time.sleep(0.2)
+    raise TimeoutError(f"no GPU machine wrote a checkpoint of {RUN} in {seconds} s")
+
+
+def _lose_machine(cluster: dict, name: str) -> None:
+    """SIGKILL one GPU machine's worker process group and every process below it (Prefect
+    starts flow runs in sessions of their own), as a lost spot machine would vanish."""
+    worker = cluster["machines"][name]
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    doomed, grew = {worker.pid}, True
+    while grew:
+        below = {pid for pid, parent in parents.items() if parent in doomed} - doomed
+        doomed, grew = doomed | below, bool(below)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(worker.pid, signal.SIGKILL)
+    for pid in doomed:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    worker.wait()
+
+
+def test_a_lost_gpu_machine_s_training_resumes_on_the_other(cluster) -> None:
+    """Kill the machine training RUN mid-training: heartbeats stop, the automation marks its
+    stage Crashed, the pipeline resubmits it, the other machine pulls the shared checkpoint
+    and resumes, and the adapter is byte for byte the uninterrupted run's."""
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+
+    if "adapter" not in cluster["runs"]:
+        pytest.skip("needs the uninterrupted run of the test before")
+    root = cluster["orchestrator"]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    del lock["stages"][f"train@{RUN}"]  # forget the training: the next run trains it again
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+    shutil.rmtree(root / "outputs/train" / RUN)
+    with _client(cluster["env"]) as client:
+        deployment = client.read_deployment_by_name("fin-tasks/nightly")
+        run = client.create_flow_run_from_deployment(deployment.id)
+        victim = _training_machine(cluster, 600)
+        _lose_machine(cluster, victim)
+        state = _finished(client, run.id, 1200)
+        assert state.is_completed(), f"{state.name}: {state.message}"
+        tries = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[f"train@{RUN}"])))
+    states = sorted((r.state.name, r.state.message or "") for r in tries)
+    assert [name for name, _ in states] == ["Completed", "Completed", "Crashed"], states
+    assert "GPU worker was lost" in states[-1][1]
+    assert _adapter_sha256(root) == cluster["runs"]["adapter"]
+    assert not any((cluster["base"] / "checkpoint-store").iterdir())
+
+
+class _Signed(http.server.BaseHTTPRequestHandler):
+    """A viewer's proxy to the server: every request signed with the credential (as an
+    authenticating proxy in front of the dashboard would), the UI told it needs no login."""
+
+    target, auth = "", ""
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host",
+                                                                           "accept-encoding")}
+        headers["Authorization"] = "Basic " + base64.b64encode(self.auth.encode()).decode()
+        request = urllib.request.Request(self.target + self.path, data=body, headers=headers,
+                                         method=self.command)
+        try:
+            response = urllib.request.urlopen(request, timeout=30)
+        except urllib.error.HTTPError as error:
+            response = error
+        data = response.read()
+        if self.path.endswith("/ui-settings"):
+            data = json.dumps(json.loads(data) | {"auth": None}).encode()
+        self.send_response(response.status)
+        for key, value in response.headers.items():
+            if key.lower() not in ("content-length", "transfer-encoding", "connection"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _forward
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_the_dashboard_shows_the_run(cluster) -> None:
+    """The first run's dashboard page in headless Chromium, through a signing proxy."""
+    if "first" not in cluster["runs"]:
+        pytest.skip("needs the run of the first test")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         if os.environ.get("CI"):
             pytest.fail("chromium is not installed (.ci/run installs Debian's package)")
         pytest.skip("chromium not installed: `apt-get install chromium` to check the dashboard")
-    url = f"http://127.0.0.1:{cluster['port']}/runs/flow-run/{run.id}"
+    _Signed.target, _Signed.auth = f"http://127.0.0.1:{cluster['port']}", cluster["auth"]
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Signed)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        _screenshot(cluster, browser, cluster["runs"]["first"], proxy.server_address[1])
+    finally:
+        proxy.shutdown()
+
+
+def _screenshot(cluster: dict, browser: str, run, port: int) -> None:
+    """The run's dashboard page: a PNG, and the run's name on it."""
+    url = f"http://127.0.0.1:{port}/runs/flow-run/{run.id}"
     flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
              "--disable-background-networking", "--no-first-run", "--disable-extensions",
              "--window-size=1400,1000", "--virtual-time-budget=20000",
