@@ -162,7 +162,8 @@ def _client(env: dict):
     before = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = env["PREFECT_API_URL"]
     try:
-        with SyncPrefectClient(env["PREFECT_API_URL"]) as client:
+        with SyncPrefectClient(env["PREFECT_API_URL"],
+                               auth_string=env["PREFECT_API_AUTH_STRING"]) as client:
             yield client
     finally:
         if before is None:
@@ -323,8 +324,9 @@ class _Signed(http.server.BaseHTTPRequestHandler):
         except urllib.error.HTTPError as error:
             response = error
         data = response.read()
-        if self.path.endswith("/ui-settings"):
-            data = json.dumps(json.loads(data) | {"auth": None}).encode()
+        if self.path.endswith("/ui-settings"):  # the UI's API calls go through us too
+            data = json.dumps(json.loads(data) | {
+                "auth": None, "api_url": f"http://{self.headers['Host']}/api"}).encode()
         self.send_response(response.status)
         for key, value in response.headers.items():
             if key.lower() not in ("content-length", "transfer-encoding", "connection"):
