@@ -183,12 +183,18 @@ def test_predict_and_evaluate_a_qlora_run(workspace, trained, tmp_path, mode) ->
         assert [r["id"] for r in rows] == test_ids
         if mode == "score":
             assert all(r["label"] != MISSING and len(r["scores"]) == 2 for r in rows)
-    # Merging the adapter into a dequantized base predicts what base + adapter predicts.
-    adapter = read_jsonl(tmp_path / "predict/adapter/valid.jsonl")
-    merged = read_jsonl(tmp_path / "predict/merged/valid.jsonl")
-    if mode == "score":
-        for a, m in zip(adapter, merged):
+    # Merging the adapter into a dequantized base predicts what base + adapter predicts, in
+    # either mode: the same label probabilities, and in generate mode the same greedy text;
+    # the base alone predicts otherwise (so the comparison can fail).
+    base, adapter, merged = (read_jsonl(tmp_path / "predict" / variant / "valid.jsonl")
+                             for variant in ("base", "adapter", "merged"))
+    for a, m in zip(adapter, merged):
+        assert a["probs"] == pytest.approx(m["probs"], abs=1e-4)
+        assert a["output"] == m["output"] and a["label"] == m["label"]
+        if mode == "score":
             assert a["scores"] == pytest.approx(m["scores"], abs=1e-4)
+    assert max(abs(p - q) for b, a in zip(base, adapter)
+               for p, q in zip(b["probs"], a["probs"])) > 1e-3
     result = evaluate_run(resolve_run(params, "tiny-t1"), workspace / "prepare/finarg_ecc",
                           tmp_path / "predict", tmp_path / "evaluate")
     metrics = json.loads((tmp_path / "evaluate/evaluation.json").read_text())
