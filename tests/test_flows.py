@@ -189,6 +189,11 @@ def test_the_committed_dvc_lock_is_current(tmp_path) -> None:
              for stage, changes in status.items()}
     stale = {stage: [c for c in changes if c] for stage, changes in stale.items()}
     assert not {s: c for s, c in stale.items() if c}, "dvc.lock is stale: run `dvc repro`"
+    locked = set(yaml.safe_load((clone / "dvc.lock").read_text())["stages"])
+    defined = {stage.name for stage in stage_graph(clone)}
+    assert locked == defined, (f"dvc.lock holds stages dvc.yaml no longer defines "
+                               f"{sorted(locked - defined)} or lacks {sorted(defined - locked)}: "
+                               "bash scripts/prune-lock.sh")
 
 
 class _Run:
@@ -222,3 +227,23 @@ def test_a_crashed_gpu_stage_is_resubmitted_a_bounded_number_of_times(monkeypatc
     deployments([_Run(1, Failed(message="exit 2"))])  # a failure is not a lost worker
     with pytest.raises(StageFailed, match="run-1 ended Failed: exit 2"):
         pipeline._run_until_not_crashed("train@x", "d", {}, 2, warnings.append)
+
+
+def test_the_lock_check_knows_which_stages_may_differ_between_machines() -> None:
+    """Stages that neither run a model nor read what one wrote must reproduce anywhere."""
+    from fin_tasks.config import load_params
+    from flows.lockcheck import changed, machine_bound
+
+    bound = machine_bound(stage_graph(ROOT), load_params(ROOT / "params.yaml"))
+    for name in ("prepare@finarg_ecc", "base@smollm2", "base@tiny-llama",
+                 "train@majority-finarg_ecc", "predict@majority-finarg_ecc",
+                 "evaluate@majority-finarg_ecc", "corpus@textbook"):
+        assert name not in bound, name
+    for name in ("train@smollm2-finarg_ecc", "predict@smollm2-finarg_ecc",
+                 "evaluate@smollm2-finarg_ecc", "report", "submit@finarg_ecc"):
+        assert name in bound, name
+    lock = {"stages": {"a": {"outs": [{"path": "x", "md5": "1"}]},
+                       "b": {"outs": [{"path": "y", "md5": "2"}]}}}
+    other = {"stages": {"a": {"outs": [{"path": "x", "md5": "1"}]},
+                        "b": {"outs": [{"path": "y", "md5": "3"}]}, "c": {"outs": []}}}
+    assert changed(lock, other) == ["b"]

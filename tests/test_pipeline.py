@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import project_copy
+from conftest import ROOT, project_copy
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,12 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_dvc_repro_runs_the_whole_pipeline_then_is_a_no_op(clone: Path) -> None:
+    from flows.lockcheck import check
+
     _run(["dvc", "repro"], clone)
+    # byte-identical reruns: what the committed dvc.lock records, stage by stage
+    result = check(ROOT / "dvc.lock", clone / "dvc.lock", clone / "params.yaml", clone)
+    assert not result["broken"], f"outputs differ from the committed dvc.lock: {result}"
     for task in ("finarg_ecc", "edtsum", "fineval", "sentiment"):
         manifest = json.loads((clone / "outputs/prepare" / task / "manifest.json").read_text())
         assert all(split["rows"] > 0 for split in manifest["splits"].values())
