@@ -89,7 +89,8 @@ def test_timings_stay_out_of_the_leaderboard_and_go_to_the_costs_summary(tmp_pat
                {"outputs": {"train.jsonl": "ab" * 32}})
     scores = {"rows": 9, "f1_weighted": 0.7, "accuracy": 0.7, "f1_macro": 0.7, "mcc": 0.1,
               "missing_rate": 0.0}
-    write_json(tmp_path / "evaluate/enc/evaluation.json", {"metrics": {"adapter": {"valid": scores}}})
+    write_json(tmp_path / "evaluate/enc/evaluation.json",
+               {"metrics": {"adapter": {"valid": scores}}})
     write_json(tmp_path / "train/enc/metrics.json", {"steps": 3})
     boards = []
     costs.write_to(tmp_path / "costs")
