@@ -213,6 +213,32 @@ def _ensemble_lines(params: Params, layout: Layout, skipped: dict[str, str]) -> 
             "estimate beside the members'.", "", *lines, ""] if lines else []
 
 
+def _headline(params: Params, rows: list[dict[str, Any]]) -> list[str]:
+    """One line on what the scores show: per task, the best trained model against the best
+    baseline on valid, and whether their 95% intervals separate (tiny models left out)."""
+    claims = []
+    for task in sorted({r["task"] for r in rows}):
+        valid = [r for r in rows if r["task"] == task and r["split"] == "valid"
+                 and r["ci95_low"] is not None]
+        baselines = [r for r in valid if r["variant"] == "baseline"]
+        trained = [r for r in valid if r["variant"] not in ("base", "baseline")
+                   and not (params.models.get(r["model"]) and params.models[r["model"]].tiny)]
+        if not baselines or not trained:
+            continue
+        best, floor = trained[0], baselines[0]  # rows come best first
+        apart = (best["ci95_low"] > floor["ci95_high"] or best["ci95_high"] < floor["ci95_low"])
+        verdict = ("beats" if best["score"] > floor["score"] else "trails") if apart else \
+            "is not told apart from"
+        claims.append(f"{task} ({best['rows']} valid rows): {best['run']} {_interval(best)} "
+                      f"{verdict} the best baseline, {floor['run']} {_interval(floor)}"
+                      + ("" if apart else " (the intervals overlap)"))
+    return [f"**What these scores show**: {'; '.join(claims)}.", ""] if claims else []
+
+
+def _interval(row: dict[str, Any]) -> str:
+    return f"{_fmt(row['score'])} ({_fmt(row['ci95_low'])}-{_fmt(row['ci95_high'])})"
+
+
 def _tiny_note(params: Params, rows: list[dict[str, Any]]) -> list[str]:
     """Say plainly when scores come from a tiny demo model."""
     tiny = sorted({r["model"] for r in rows
@@ -262,6 +288,7 @@ def markdown(params: Params, layout: Layout, rows: list[dict[str, Any]],
              "Scores from `fin-tasks evaluate` (organizer-exact parsing and metrics); the "
              "interval is a bootstrap 95% CI of the ranking metric. Published figures are on "
              "the official test sets and are shown for reference only.", ""]
+    lines += _headline(params, rows)
     for task in sorted({r["task"] for r in rows}):
         kind = next(r["kind"] for r in rows if r["task"] == task)
         for split in ("valid", "test"):

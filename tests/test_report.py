@@ -30,6 +30,8 @@ def test_leaderboard_ranks_runs_and_lists_anchors(tmp_path: Path) -> None:
     table = (tmp_path / "report/leaderboard.md").read_text()
     assert "| 1 | enc | adapter | 0.7500 (0.7200-0.7800) |" in table
     assert "3rd L3iTC (QLoRA) f1_weighted 0.7544" in table
+    assert ("**What these scores show**: finarg_ecc (969 valid rows): enc 0.7500 (0.7200-0.7800) "
+            "beats the best baseline, maj 0.3600 (0.3300-0.3900).") in table
     csv_header = (tmp_path / "report/leaderboard.csv").read_text().splitlines()[0]
     assert csv_header.startswith("task,kind,run,model,variant,split,rows,metric,score")
     assert "peak" not in table and "wall" not in (tmp_path / "report/leaderboard.csv").read_text()

@@ -81,17 +81,90 @@ CLAIMS = [
 ]
 
 
-def finarg() -> None:
+# Composed sentences on top of the hand-written ones, so that the demo's valid split is large
+# enough for a confidence interval to tell a model that learned from the majority class.
+METRICS = ["Revenue", "Operating income", "Net sales", "Gross profit", "Free cash flow",
+           "Adjusted EBITDA", "Subscription revenue", "Services revenue", "Net interest income",
+           "Operating cash flow", "Recurring revenue", "Segment profit"]
+PERIODS = ["the quarter", "the third quarter", "the first half", "the fiscal year",
+           "the fourth quarter", "the second quarter", "the twelve months to June"]
+SEGMENTS = ["the cloud segment", "North America", "the industrial division", "Europe",
+            "the consumer business", "the services unit", "Asia Pacific", "the wholesale channel"]
+THINGS = ["units", "vehicles", "devices", "orders", "homes", "tonnes of product", "subscriptions"]
+BELIEFS = ["We believe", "We expect", "We are confident", "I think", "We remain convinced",
+           "Our view is", "We anticipate", "I am optimistic"]
+OUTCOMES = ["demand will stay resilient", "our margins will keep improving",
+            "the new platform positions us to win share", "the pricing environment will remain "
+            "rational", "the integration will deliver the synergies we promised",
+            "customers will keep consolidating their spending with us", "the worst of the "
+            "slowdown is behind us", "our investments will pay off", "this business can grow "
+            "faster than the market", "the second half will be stronger than the first"]
+HORIZONS = ["over the next few years", "next year", "in the coming quarters", "over time",
+            "through the cycle", "for the foreseeable future", "from here"]
+STANCES = ["is a real competitive advantage for us", "remains the key driver of our growth",
+           "gives us a clear edge over competitors", "is exactly the right strategy",
+           "will be a priority for the whole team", "makes us the natural partner for large "
+           "customers"]
+SUBJECTS = ["Our brand", "Our distribution network", "The strength of our balance sheet",
+            "Our focus on execution", "The quality of our engineering team", "Our installed base",
+            "Pricing discipline", "Our cost structure"]
+
+
+def composed_premise(rng: random.Random) -> str:
+    """A factual sentence: a reported figure, a count or a comparison (mostly numeric)."""
+    p, x, y = rng.randint(2, 38), rng.randint(12, 980), rng.randint(12, 980)
+    up = rng.random() < 0.6
+    forms = [
+        f"{rng.choice(METRICS)} {'rose' if up else 'fell'} {p}% to ${x} million in "
+        f"{rng.choice(PERIODS)}.",
+        f"We shipped {x},{rng.randint(100, 999)} {rng.choice(THINGS)} in {rng.choice(PERIODS)}, "
+        f"{'up' if up else 'down'} from {y},{rng.randint(100, 999)} a year earlier.",
+        f"{rng.choice(METRICS)} was ${x} million, compared with ${y} million in "
+        f"{rng.choice(PERIODS)} last year.",
+        f"{rng.choice(SEGMENTS).capitalize()} accounted for {p}% of total revenue in "
+        f"{rng.choice(PERIODS)}.",
+        f"Headcount ended {rng.choice(PERIODS)} at {x},{rng.randint(100, 999)}, "
+        f"{'up' if up else 'down'} {p}% year over year.",
+        f"We {'opened' if up else 'closed'} {rng.randint(3, 60)} locations in "
+        f"{rng.choice(SEGMENTS)} during {rng.choice(PERIODS)}.",
+    ]
+    return rng.choice(forms)
+
+
+def composed_claim(rng: random.Random) -> str:
+    """An opinion or expectation (rarely with a number: claims can cite targets)."""
+    forms = [
+        f"{rng.choice(BELIEFS)} that {rng.choice(OUTCOMES)} {rng.choice(HORIZONS)}.",
+        f"{rng.choice(SUBJECTS)} {rng.choice(STANCES)}.",
+        f"{rng.choice(BELIEFS)} {rng.choice(OUTCOMES)}, and we intend to keep investing "
+        f"{rng.choice(HORIZONS)}.",
+        f"We expect {rng.choice(METRICS).lower()} to grow about {rng.randint(3, 15)}% "
+        f"{rng.choice(HORIZONS)}.",
+    ]
+    return rng.choice(forms)
+
+
+def finarg(composed: int = 260) -> None:
+    """Task 1 demo rows: the hand-written sentences and `composed` more (55% premises),
+    shuffled and split 50/25/25 into train, valid and test."""
     rng = random.Random(7)
     rows = [(t, "premise") for t in PREMISES] + [(t, "claim") for t in CLAIMS]
+    seen = {text for text, _ in rows}
+    while len(rows) < len(PREMISES) + len(CLAIMS) + composed:
+        label = "premise" if rng.random() < 0.55 else "claim"
+        text = composed_premise(rng) if label == "premise" else composed_claim(rng)
+        if text not in seen:
+            seen.add(text)
+            rows.append((text, label))
     rng.shuffle(rows)
     out = HERE / "finarg_ecc"
     out.mkdir(exist_ok=True)
-    splits = {"train.jsonl": rows[:44], "test.jsonl": rows[44:]}
-    for name, part in splits.items():
-        start = 0 if name == "train.jsonl" else 1000
+    half, quarter = len(rows) // 2, len(rows) // 4
+    splits = {"train.jsonl": rows[:half], "valid.jsonl": rows[half:half + quarter],
+              "test.jsonl": rows[half + quarter:]}
+    for offset, (name, part) in enumerate(splits.items()):
         with (out / name).open("w", encoding="utf-8") as handle:
-            for number, (text, label) in enumerate(part, start=start):
+            for number, (text, label) in enumerate(part, start=1000 * offset):
                 record = {"id": f"demo_finarg{number}",
                           "query": f"{FINARG_INSTRUCTION}\nText: {text}\nAnswer:",
                           "answer": label, "text": text, "choices": ["premise", "claim"],
