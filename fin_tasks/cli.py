@@ -339,9 +339,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # bitsandbytes announces on every 4-bit load that an optional hub-fetched kernel package
-    # is absent; its own CPU kernels run instead, so the line is noise here.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _quiet_libraries()
     if getattr(args, "out_dir", None):  # this machine's timings, beside the outputs
         from fin_tasks import costs

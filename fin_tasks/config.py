@@ -469,7 +469,6 @@ class SubmitConfig(Strict):
     """Rows of train and of test for the data leakage test (0: skip it)."""
 
 
-MERGE_METHODS = ("sequential", "linear", "cat", "svd", "ties", "dare_ties")
 EXACT_MERGES = ("sequential", "cat")
 
 

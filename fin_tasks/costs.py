@@ -38,8 +38,8 @@ def record(stage: str, name: str, figures: dict[str, Any]) -> None:
         return
     path = _folder / stage / f"{name}.json"
     earlier = read(path) if path.exists() else {}
-    write_json(path, earlier | figures | {"machine": machine(),
-                                          "at": datetime.datetime.now().isoformat(timespec="seconds")})
+    when = datetime.datetime.now().isoformat(timespec="seconds")
+    write_json(path, earlier | figures | {"machine": machine(), "at": when})
 
 
 def read(path: str | Path) -> dict[str, Any]:

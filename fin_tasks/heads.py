@@ -21,7 +21,8 @@ import torch
 
 from fin_tasks.config import HeadConfig, ModelConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.models import check_trained_weights, frozen_as_in_training, with_lora
+from fin_tasks.models import frozen_as_in_training, with_lora
+from fin_tasks.weights import check_trained_weights
 
 HEAD_FILE = "head.safetensors"
 HEAD_RECORD = "head.json"

@@ -23,10 +23,11 @@ import torch
 from fin_tasks.artifacts import atomic_dir, package_versions, read_jsonl, sha256_file, write_json
 from fin_tasks.config import EXACT_MERGES, MergeConfig, ModelConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (BaseRef, base_identity, check_trained_weights, dequantized,
-                              load_base, load_tokenizer, read_base_ref)
+from fin_tasks.models import (BaseRef, base_identity, dequantized, load_base, load_tokenizer,
+                              read_base_ref)
 from fin_tasks.prompting import render_prompt
 from fin_tasks.runs import MergeInputs
+from fin_tasks.weights import check_trained_weights
 
 log = logging.getLogger(__name__)
 

@@ -7,19 +7,22 @@ here, lazily, only when asked for.
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fin_tasks.artifacts import sha256_file, sha256_folder
+from fin_tasks.artifacts import sha256_folder
 from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
 from fin_tasks.devices import DTYPES, compute_dtype, device_for, resolved_quantization
 from fin_tasks.errors import ModelError
 from fin_tasks.sources import BaseRef, resolve_source
+from fin_tasks.vocab import compute_in, vocab_computes_in
+from fin_tasks.weights import check_trained_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,47 +49,25 @@ def base_identity(ref: BaseRef, base_dir: str | Path) -> dict[str, Any]:
             "sha256": sha256_folder(base_dir, exclude=("base.json",))}
 
 
-def forward_takes(model: Any, name: str) -> bool:
-    """Whether a model's forward (under any peft wrapper) has a parameter called `name`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return name in _forward_parameters(type(base))
+# bitsandbytes, when imported on a CPU with AVX512-BF16, asks the `kernels` package for an
+# optional 4-bit matmul kernel from the Hugging Face hub. Offline that fails and says so twice
+# (kernels' "Skipping publisher trust check ... offline mode", bitsandbytes' "Failed to load
+# CPU gemm_4bit_forward"), once per process, and bitsandbytes' own CPU kernel runs instead.
+HUB_KERNEL_LOGGERS = ("kernels", "bitsandbytes.backends.cpu.ops")
 
 
-@functools.cache
-def _forward_parameters(model_class: type) -> frozenset[str]:
-    """Parameter names of a model class's forward (read once per class: the question comes
-    with every micro-batch and every decoding step)."""
-    import inspect
-
-    return frozenset(inspect.signature(model_class.forward).parameters)
-
-
-def cache_argument(model: Any) -> str:
-    """The keyword a causal LM's forward takes its key/value cache by: `cache` in recent
-    transformers 5 releases, `past_key_values` in earlier ones (deprecated since, and removed
-    in 5.40)."""
-    return "cache" if forward_takes(model, "cache") else "past_key_values"
-
-
-def returned_cache(output: Any) -> Any:
-    """The key/value cache a forward pass returned, under either name."""
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-MIN_SHARED_PREFIX = 8  # tokens; below this, one more forward pass costs more than it saves
-
-
-def shared_prefix_cache(model: Any, prefix: torch.Tensor, rows: int) -> Any:
-    """The key/value cache of a prompt prefix (one row of token ids) computed once and
-    broadcast to `rows` rows, without copies. Causal attention gives a prefix the same states
-    whatever follows it, so every row may continue from it; under autograd, gradients flow
-    back through the broadcast into the prefix's one computation."""
-    cache = returned_cache(model(input_ids=prefix, use_cache=True, logits_to_keep=1))
-    for layer in cache.layers:
-        layer.keys = layer.keys.expand(rows, -1, -1, -1)
-        layer.values = layer.values.expand(rows, -1, -1, -1)
-    return cache
+@contextlib.contextmanager
+def _hub_kernel_notices_quiet() -> Iterator[None]:
+    """Those two loggers at ERROR for the one import that triggers them, then as they were."""
+    loggers = [logging.getLogger(name) for name in HUB_KERNEL_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def bitsandbytes_config(quant: QuantConfig | None,
@@ -96,7 +77,8 @@ def bitsandbytes_config(quant: QuantConfig | None,
         return None
     what = f"{quant.bits}-bit quantization" + (f" ({quant.quant_type})" if quant.bits == 4 else "")
     try:
-        import bitsandbytes  # noqa: F401  (lazy: only a quantized load needs it)
+        with _hub_kernel_notices_quiet():
+            import bitsandbytes  # noqa: F401  (lazy: only a quantized load needs it)
     except ImportError as error:
         raise ModelError(f"{what} needs bitsandbytes, which cannot be imported here ({error}); "
                          "install it with `pip install 'fin-tasks[quant]'` or set "
@@ -161,91 +143,6 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
         _keep_cpu_4bit_layout(model)
     if config.kind == "causal":
         compute_in(model, compute_dtype(config.quantization, device))
-    return model
-
-
-VOCAB_CHUNK = 16_384  # output-layer rows upcast at a time: 56 MiB of float32 for a 896-wide model
-VOCAB_DTYPE = "fin_tasks_vocab_dtype"  # attribute of the two modules: the dtype they compute in
-
-
-def compute_in(model: Any, dtype: torch.dtype) -> None:
-    """Make a quantized causal LM compute in `dtype`, the dtype of its 4-bit matrix multiplies,
-    whatever dtype its unquantized weights are stored in (bfloat16 storage halves the
-    vocabulary matrices where a CPU computes in float32).
-
-    The 4-bit layers dequantize to `dtype` (bitsandbytes would use the dtype the weights had
-    when quantized: in the backward pass, in a merge, in `predict.dequantize`). The input
-    embeddings and the output layer compute in the wider of their stored dtype and `dtype`
-    (`vocab_computes_in` can widen it): the embeddings' output is cast to it, and the output
-    layer upcasts its weight a block of rows at a time, in the forward and the backward pass,
-    so no full-size copy is made or kept for the gradient. Where the stored dtype is `dtype`
-    nothing changes."""
-    for module in model.modules():
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            state.dtype = dtype
-    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
-    if embeddings is not None:
-        embeddings.register_forward_hook(_cast_embeddings)
-    if head is not None and head.bias is None and head.weight.is_floating_point() \
-            and not hasattr(head.weight, "quant_state"):  # a quantized head computes itself
-        head.forward = functools.partial(_vocab_linear, head)
-    vocab_computes_in(model, dtype)
-
-
-def vocab_computes_in(model: Any, dtype: torch.dtype) -> None:
-    """Set the dtype the vocabulary matrices compute in (at least their stored one)."""
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            setattr(module, VOCAB_DTYPE, dtype)
-
-
-def _vocab_dtype(module: torch.nn.Module) -> torch.dtype:
-    return torch.promote_types(module.weight.dtype, getattr(module, VOCAB_DTYPE))
-
-
-def _cast_embeddings(module: torch.nn.Module, _args: Any, output: torch.Tensor) -> torch.Tensor:
-    return output.to(_vocab_dtype(module))
-
-
-def _vocab_linear(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """The output layer's logits computed in its vocabulary dtype."""
-    dtype, weight = _vocab_dtype(head), head.weight
-    hidden = hidden.to(dtype)
-    if weight.dtype == dtype:
-        return torch.nn.functional.linear(hidden, weight)
-    if weight.requires_grad and torch.is_grad_enabled():
-        return torch.nn.functional.linear(hidden, weight.to(dtype))
-    return _UpcastLinear.apply(hidden, weight)
-
-
-class _UpcastLinear(torch.autograd.Function):
-    """`hidden @ weight.T` in hidden's dtype for a frozen weight stored in another dtype,
-    upcasting `VOCAB_CHUNK` rows at a time in both passes: saves the stored weight only."""
-
-    @staticmethod
-    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        out = hidden.new_empty(*hidden.shape[:-1], len(weight))  # no second copy of the logits
-        for start in range(0, len(weight), VOCAB_CHUNK):
-            rows = weight[start:start + VOCAB_CHUNK]
-            out[..., start:start + len(rows)] = hidden @ rows.to(hidden.dtype).T
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (weight,) = ctx.saved_tensors
-        parts = zip(grad.split(VOCAB_CHUNK, dim=-1), weight.split(VOCAB_CHUNK))
-        return sum(part @ rows.to(grad.dtype) for part, rows in parts), None
-
-
-def upcast_vocab(model: Any) -> Any:
-    """For inference: the vocabulary matrices that `compute_in` set up, converted once to the
-    dtype they compute in, rather than upcast on every forward pass (generation makes one
-    per new token; SmolLM2 spent a quarter of its time on it). Other models are unchanged."""
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None and hasattr(module, VOCAB_DTYPE):
-            module.weight.data = module.weight.data.to(_vocab_dtype(module))
     return model
 
 
@@ -370,32 +267,6 @@ def with_adapter(model: Any, adapter_dir: str | Path) -> Any:
 
     check_trained_weights(Path(adapter_dir))
     return PeftModel.from_pretrained(model, str(adapter_dir))
-
-
-WEIGHTS_KEY = "weights"  # train_config.json: sha256 of every file training wrote as weights
-
-
-def weight_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of each file of a saved adapter or model folder, by name."""
-    return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
-
-
-def check_trained_weights(folder: Path) -> None:
-    """Refuse weights that differ from what `train` wrote (overwritten, truncated, swapped):
-    train_config.json beside them records their hashes."""
-    record = folder.parent / "train_config.json"
-    if not record.exists():
-        return
-    expected = json.loads(record.read_text(encoding="utf-8")).get(WEIGHTS_KEY, {})
-    for name, digest in expected.get(folder.name, {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise ModelError(f"{path} is missing: the trained weights are incomplete; rerun "
-                             "`fin-tasks train` for this run (or `dvc checkout`)")
-        if sha256_file(path) != digest:
-            raise ModelError(f"{path} is not the file `train` wrote (sha256 {digest[:12]} "
-                             f"recorded in {record}); it was overwritten or truncated since. "
-                             "Restore it with `dvc checkout`, or retrain the run")
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

@@ -20,14 +20,16 @@ from fin_tasks.config import BASELINE_KINDS, HeadConfig, ModelConfig, PredictCon
 from fin_tasks.encoding import Example, collate, encode_corpus, encode_encoder, encode_head
 from fin_tasks.errors import ModelError
 from fin_tasks.heads import load_head
-from fin_tasks.models import (MIN_SHARED_PREFIX, BaseRef, cache_argument,
-                              check_trained_weights, dequantized, frozen_as_in_training,
-                              load_base, load_tokenizer, read_base_ref, returned_cache,
-                              shared_prefix_cache, upcast_vocab, with_adapter)
+from fin_tasks.forward import (cache_argument, classifier_logits, returned_cache,
+                               shared_prefix_cache, shared_prefix_length)
+from fin_tasks.models import (BaseRef, dequantized, frozen_as_in_training, load_base,
+                              load_tokenizer, read_base_ref, with_adapter)
 from fin_tasks.predictions import (parse, predict_baseline, variants_for,
                                    write_predictions)
 from fin_tasks.runs import MergeInputs, RunInputs
 from fin_tasks.tasks import Task
+from fin_tasks.vocab import upcast_vocab
+from fin_tasks.weights import check_trained_weights
 from fin_tasks.prompting import (IGNORE, answer_ending, answer_separator, encode_texts,
                                  end_of_turn_id, keep_ends, prompt_budget, render_prompt)
 
@@ -123,8 +125,9 @@ def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, to
     each prompt follows it, left-padded after it (the mask has a hole there). Causal
     attention gives the prefix the same states in every row, so the logits are the plain
     pass's."""
-    shared = _shared_prompt_prefix(ids, mask)
-    if shared < MIN_SHARED_PREFIX:
+    lengths = mask.sum(-1)
+    shared = shared_prefix_length(ids, mask, ids.shape[1] - lengths, int(lengths.min()) - 1)
+    if not shared:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return model(input_ids=ids, attention_mask=mask, position_ids=positions,
                      use_cache=True, logits_to_keep=1), mask
@@ -142,18 +145,6 @@ def _prefill(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, to
     out = model(input_ids=rest, attention_mask=full_mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1, **{cache_argument(model): cache})
     return out, full_mask
-
-
-def _shared_prompt_prefix(ids: torch.Tensor, mask: torch.Tensor) -> int:
-    """Tokens at the start of every left-padded prompt that all prompts share, leaving each
-    at least one token of its own (0 for a single prompt)."""
-    lengths = mask.sum(-1)
-    if len(ids) < 2:
-        return 0
-    most = int(lengths.min()) - 1
-    index = (ids.shape[1] - lengths)[:, None] + torch.arange(most, device=ids.device)[None]
-    heads = ids.gather(1, index)
-    return int((heads == heads[:1]).all(0).long().cumprod(0).sum())
 
 
 def _next_tokens(logits: torch.Tensor) -> torch.Tensor:
@@ -284,20 +275,13 @@ def text_losses(model: Any, tokenizer: Any, records: Sequence[dict[str, Any]], m
     return [(total, count) for total, count in totals]
 
 
-@torch.no_grad()
 def classify(model: Any, examples: Sequence[Example], batch_size: int, pad_id: int,
              device: torch.device) -> list[list[float]]:
     """Class probabilities (softmax of a classification head's logits) of each example, in
-    input order; batches are length-sorted."""
+    input order."""
     model.eval()
-    predicted: dict[int, list[float]] = {}
-    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        batch = collate([examples[i] for i in chunk], pad_id, device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted.update(zip(chunk, torch.softmax(logits.float(), -1).tolist()))
-    return [predicted[i] for i in range(len(examples))]
+    logits = classifier_logits(model, examples, batch_size, pad_id, device)
+    return torch.softmax(logits, -1).tolist()
 
 
 def probabilities(scores: Sequence[float]) -> list[float]:

@@ -12,10 +12,6 @@ from pandera.errors import SchemaError, SchemaErrors
 from fin_tasks.errors import DataError
 from fin_tasks.tasks import Task
 
-# Columns that carry each row's origin through validation.
-ORIGIN = ("_source", "_line", "_unit")
-
-
 # Characters that show nothing: a text made only of them (and spaces) is empty.
 _INVISIBLE = "[\u200b\u200c\u200d\u2060\ufeff\u00ad]"
 

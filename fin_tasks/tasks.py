@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fin_tasks import kinds
 from fin_tasks.kinds import Kind
@@ -143,13 +143,3 @@ def task_from_config(name: str, config: TaskConfig) -> Task:
         labels=tuple(config.labels or ()), label_names=dict(config.label_names or {}),
         max_new_tokens=config.kind.max_new_tokens,
     )
-
-
-def record_fields(task: Task) -> dict[str, Any]:
-    """Column names of a prepared record (the organizers' layout plus our extras)."""
-    fields: dict[str, Any] = {"id": str, "query": str, "answer": str, "text": str}
-    if task.labels:
-        fields |= {"choices": list, "gold": int}
-    if task.option_fields:
-        fields |= {"options": list, "subject": str, "numeric": bool}
-    return fields

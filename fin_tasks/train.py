@@ -35,13 +35,15 @@ from fin_tasks.heads import with_label_head
 from fin_tasks.devices import (data_parallel, device_for, leave_data_parallel, numerics,
                                resolved_quantization, sum_gradients)
 from fin_tasks.memory import peak_memory_bytes, reset_peak_memory
-from fin_tasks.models import (MIN_SHARED_PREFIX, base_identity, cache_argument, forward_takes,
-                              load_base, load_tokenizer, read_base_ref, shared_prefix_cache,
-                              trainable_state, weight_hashes, with_lora, WEIGHTS_KEY)
+from fin_tasks.forward import (cache_argument, classifier_logits, forward_takes,
+                               shared_prefix_cache, shared_prefix_length)
+from fin_tasks.models import (base_identity, load_base, load_tokenizer, read_base_ref,
+                              trainable_state, with_lora)
 from fin_tasks.prompting import IGNORE
 from fin_tasks.runs import (RunInputs, run_record, selected_on, selection_split,
                             training_records, write_loss_plots)
 from fin_tasks.sources import BaseRef
+from fin_tasks.weights import WEIGHTS_KEY, weight_hashes
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +112,11 @@ def _shared_prefix(model: Any, batch: dict[str, torch.Tensor], learned: torch.Te
     once is exact: 0 when there is no such prefix worth it, or while dropout is active (each
     row would draw its own mask over it)."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    if len(ids) < 2 or not len(learned) or not _selects_logits(model) or (
+    if not len(learned) or not _selects_logits(model) or (
             model.training and _has_dropout(model)):
         return 0
-    same = ((ids == ids[:1]) & (mask == 1)).all(0).long().cumprod(0)
-    length = min(int(same.sum()), int(learned[0]))  # the first learned logit: after it
-    return length if length >= MIN_SHARED_PREFIX else 0
+    starts = torch.zeros(len(ids), dtype=torch.long, device=ids.device)  # right padding
+    return shared_prefix_length(ids, mask, starts, int(learned[0]))  # up to the first logit
 
 
 def _logits_after_prefix(model: Any, batch: dict[str, torch.Tensor], prefix: int,
@@ -150,27 +151,24 @@ def evaluate_loss(model: Any, examples: Sequence[Example], batch_size: int, pad_
     from sklearn.metrics import accuracy_score, f1_score
 
     model.eval()
-    total, count, predicted = 0.0, 0, []
-    order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
-    for start in range(0, len(order), batch_size):
-        batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id, device)
-        if batch["labels"].dim() == 1:
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            total += float(torch.nn.functional.cross_entropy(
-                logits.float(), batch["labels"], reduction="sum"))
-            count += batch["labels"].numel()
-            predicted.extend(logits.argmax(-1).tolist())
-        else:
+    try:
+        if isinstance(examples[0].labels, int):  # a classifier: prediction's own batched path
+            logits = classifier_logits(model, examples, batch_size, pad_id, device)
+            gold = [e.labels for e in examples]
+            predicted = logits.argmax(-1).tolist()
+            loss = float(torch.nn.functional.cross_entropy(logits, torch.tensor(gold)))
+            return {"valid_loss": loss, "valid_accuracy": accuracy_score(gold, predicted),
+                    "valid_f1_weighted": f1_score(gold, predicted, average="weighted")}
+        total, count = 0.0, 0
+        order = sorted(range(len(examples)), key=lambda i: examples[i].tokens)
+        for start in range(0, len(order), batch_size):
+            batch = collate([examples[i] for i in order[start:start + batch_size]], pad_id,
+                            device)
             loss, terms = loss_sum(model, batch)
             total, count = total + float(loss), count + terms
-    model.train()
-    result = {"valid_loss": total / max(count, 1)}
-    if predicted:
-        gold = [examples[i].labels for i in order]
-        result |= {"valid_accuracy": accuracy_score(gold, predicted),
-                   "valid_f1_weighted": f1_score(gold, predicted, average="weighted")}
-    return result
+        return {"valid_loss": total / max(count, 1)}
+    finally:
+        model.train()
 
 
 # ---------------------------------------------------------------- the run

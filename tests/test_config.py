@@ -192,7 +192,8 @@ def test_the_schedule_section_is_validated_where_it_is_read(path: Path) -> None:
     raw["schedule"] = (raw.get("schedule") or {}) | {"crn": "0 3 * * *"}
     params = parse_params(raw)  # a stage does not read it ...
     with pytest.raises(ConfigError, match=r"unknown key 'schedule\.crn'; allowed keys here: "
-                                          r"cron, dispatch_gpu, push, timezone"):
+                                          r"cron, dispatch_gpu, gpu_resubmits, heartbeat_s, "
+                                          r"lost_after_s, push, timezone"):
         schedule_config(params)  # ... the flows do
 
 

@@ -13,7 +13,8 @@ from fin_tasks.baselines import lead
 from fin_tasks.evaluate import evaluate_run
 from fin_tasks.metrics import MISSING
 from fin_tasks.models import load_base, load_tokenizer, read_base_ref
-from fin_tasks.predict import (_batches, _left_padded, _shared_prompt_prefix, generate,
+from fin_tasks.forward import shared_prefix_length
+from fin_tasks.predict import (_batches, _left_padded, generate,
                                predict_run, score_choices)
 from fin_tasks.runs import resolve_run
 from fin_tasks.train import train
@@ -48,7 +49,8 @@ def test_a_shared_prompt_prefix_runs_once_and_changes_no_output(tiny) -> None:
                    "argumentative function. Return only premise or claim.")
     prompts = [f"{instruction}\nText: {p.split('Text: ')[-1]}" for p in PROMPTS]
     ids, mask = _left_padded([tokenizer(p)["input_ids"] for p in prompts], tokenizer.pad_token_id)
-    assert _shared_prompt_prefix(ids, mask) >= 8
+    lengths = mask.sum(-1)
+    assert shared_prefix_length(ids, mask, ids.shape[1] - lengths, int(lengths.min()) - 1) >= 8
     batched = generate(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
     assert batched == [generate(model, tokenizer, [p], max_new_tokens=8, batch_size=1)[0]
                        for p in prompts]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,7 +16,8 @@ from fin_tasks.base import build_base
 from fin_tasks.config import Params, QuantConfig, parse_params
 from fin_tasks.errors import ConfigError, ModelError
 from fin_tasks.models import (bitsandbytes_config, load_base, load_tokenizer, lora_config,
-                              read_base_ref, upcast_vocab, with_adapter, with_lora)
+                              read_base_ref, with_adapter, with_lora)
+from fin_tasks.vocab import upcast_vocab
 from fin_tasks.prompting import IGNORE, render_prompt
 from fin_tasks.runs import resolve_run
 from fin_tasks.artifacts import read_jsonl
@@ -211,6 +213,24 @@ def test_missing_bitsandbytes_is_a_clear_error(monkeypatch) -> None:
         bitsandbytes_config(QuantConfig(bits=4, quant_type="nf4"))
 
 
+def test_loading_bitsandbytes_offline_logs_no_hub_kernel_notices() -> None:
+    """On an AVX512-BF16 CPU, importing bitsandbytes asks the hub for an optional kernel;
+    offline, its two notices (one per process) are quieted where the import happens."""
+    import subprocess
+
+    script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+              "from fin_tasks.config import QuantConfig\n"
+              "from fin_tasks.models import bitsandbytes_config\n"
+              "bitsandbytes_config(QuantConfig(bits=4, quant_type='nf4'))\n"
+              "logging.getLogger('kernels').warning('kernels logs again afterwards')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env=os.environ | {"HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Skipping publisher trust check" not in done.stderr
+    assert "Failed to load CPU gemm_4bit_forward" not in done.stderr
+    assert "kernels logs again afterwards" in done.stderr
+
+
 def test_an_unsupported_quantization_is_refused_by_params() -> None:
     with pytest.raises(ConfigError, match=r"models\.tiny\.quantization\.quant_type"):
         make_params({"quantization": QUANT | {"quant_type": "int3"}})
@@ -297,12 +317,12 @@ def test_the_output_layer_upcasts_by_blocks_and_saves_only_its_stored_weight(mon
     """A bfloat16 output layer computing in float32 gives the logits and input gradient of
     the upcast weight, block by block, and keeps no float32 copy of the weight for the
     backward pass (that copy is what the bfloat16 storage saves)."""
-    from fin_tasks import models
+    from fin_tasks import vocab
 
-    monkeypatch.setattr(models, "VOCAB_CHUNK", 5)  # 12 rows: blocks of 5, 5 and 2
+    monkeypatch.setattr(vocab, "VOCAB_CHUNK", 5)  # 12 rows: blocks of 5, 5 and 2
     torch.manual_seed(0)
     head = torch.nn.Linear(64, 12, bias=False).to(torch.bfloat16).requires_grad_(False)
-    models.compute_in(_Vocab(torch.nn.Embedding(12, 64), head), torch.float32)
+    vocab.compute_in(_Vocab(torch.nn.Embedding(12, 64), head), torch.float32)
     hidden = torch.randn(3, 7, 64, requires_grad=True)
     reference = hidden.detach().clone().requires_grad_(True)
     grad = torch.randn(3, 7, 12)
