@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, package_versions, write_json
-from fin_tasks.config import BASELINE_KINDS, ModelConfig
+from fin_tasks.config import ModelConfig
 from fin_tasks.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def build_base(name: str, config: ModelConfig, prepared_root: str | Path,
     learns from the train texts of its `tokenizer_tasks`, else of `tasks` (under
     `prepared_root`)."""
     with atomic_dir(out_dir) as scratch:
-        if config.kind in BASELINE_KINDS:
+        if config.model_kind.baseline:
             info = {"model": name, "baseline": config.kind}
         elif config.tiny is not None:
             from fin_tasks.tiny import build_tiny

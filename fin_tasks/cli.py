@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fin_tasks.config import BASELINE_KINDS, load_params
+from fin_tasks.config import load_params
 from fin_tasks.layout import Layout
 from fin_tasks.errors import ConfigError, DataError, ModelError, OutputError
 from fin_tasks.events import EXIT_OUT_OF_MEMORY, emit, is_out_of_memory
@@ -78,7 +78,7 @@ def _runs(args: argparse.Namespace) -> Iterator[tuple[RunInputs, Layout]]:
 def _train(args: argparse.Namespace) -> None:
     for run, layout in _runs(args):
         name, spec = run.name, run.entry
-        if run.model.kind in BASELINE_KINDS:  # no torch to import
+        if run.model.model_kind.baseline:  # no torch to import
             from fin_tasks.baselines import train_baseline
 
             metrics = train_baseline(run, layout.prepared(spec.task), layout.trained(name),
@@ -151,7 +151,7 @@ def _predict(args: argparse.Namespace) -> None:
         return
     for run, layout in _runs(args):
         name, spec = run.name, run.entry
-        if run.model.kind in BASELINE_KINDS:  # no torch to import
+        if run.model.model_kind.baseline:  # no torch to import
             from fin_tasks.predictions import predict_baseline
 
             info = predict_baseline(run, layout.prepared(spec.task), layout.trained(name),

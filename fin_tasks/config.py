@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from fin_tasks import kinds, tasks
 from fin_tasks.errors import ConfigError
 from fin_tasks.kinds import Kind
+from fin_tasks.modelkinds import MODEL_KINDS, ModelKind, model_kind
 
 Section = TypeVar("Section", bound=BaseModel)
 
@@ -154,7 +155,7 @@ class PrepareConfig(Strict):
 
 
 DType = Literal["float32", "bfloat16", "float16"]
-BASELINE_KINDS = ("majority", "lead")
+BASELINE_KINDS = tuple(name for name, kind in MODEL_KINDS.items() if kind.baseline)
 
 
 class QuantConfig(Strict):
@@ -268,9 +269,14 @@ class ModelConfig(Strict):
     chat_template: bool = True
     """Render prompts with the tokenizer's chat template when it has one."""
 
+    @property
+    def model_kind(self) -> ModelKind:
+        """What this kind of model is and can do (`fin_tasks.modelkinds`)."""
+        return model_kind(self.kind)
+
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
-        if self.kind in BASELINE_KINDS:
+        if self.model_kind.baseline:
             if self.source or self.tiny or self.quantization:
                 raise ValueError(f"a '{self.kind}' baseline takes no source/tiny/quantization")
             return self
@@ -280,7 +286,7 @@ class ModelConfig(Strict):
             raise ValueError("a `tiny` source needs a `tiny` block, and only it takes one")
         if (self.source == "gguf") != (self.gguf is not None):
             raise ValueError("a `gguf` source needs a `gguf` block, and only it takes one")
-        if (self.tiny is not None or self.gguf is not None) and self.kind != "causal":
+        if (self.tiny is not None or self.gguf is not None) and not self.model_kind.causal:
             raise ValueError("`tiny` and `gguf` build causal LMs: set kind: causal")
         if self.lora is None and self.quantization is not None:
             raise ValueError("full fine-tuning (lora: null) of a quantized base is not possible")
@@ -575,13 +581,13 @@ class Params(Strict):
             if run.task not in self.tasks:
                 raise ValueError(f"train.runs.{name}.task '{run.task}' is not in tasks "
                                  f"({', '.join(self.tasks)})")
-            if run.zero_shot and self.models[run.model].kind != "causal":
+            if run.zero_shot and not self.models[run.model].model_kind.causal:
                 raise ValueError(f"train.runs.{name}.zero_shot: only a causal LM answers "
                                  f"without training, not a '{self.models[run.model].kind}'")
             if run.head is not None:
                 self._check_head(name, run)
             if self.tasks[run.task].kind.training == "text" and \
-                    self.models[run.model].kind == "encoder":
+                    self.models[run.model].model_kind.own_head:
                 raise ValueError(f"train.runs.{name}: continual pre-training on '{run.task}' "
                                  "learns every token, which needs a causal LM, not an encoder")
         for task in self.submit.tasks:
@@ -606,7 +612,7 @@ class Params(Strict):
 
     def _check_head(self, name: str, run: Run) -> None:
         model = self.models[run.model]
-        if model.kind != "causal":
+        if not model.model_kind.causal:
             raise ValueError(f"train.runs.{name}.head: a label head goes on a causal LM, not a "
                              f"'{model.kind}' (an encoder has its own classification head)")
         if run.zero_shot:
@@ -655,7 +661,7 @@ class Params(Strict):
             if self.train.runs[run].head is not None:
                 raise ValueError(f"merge.{name}.adapters: run '{run}' trains a label head; "
                                  "only language-model adapters merge")
-            if model.kind != "causal" or model.lora is None:
+            if not model.model_kind.causal or model.lora is None:
                 raise ValueError(f"merge.{name}.adapters: run '{run}' has no LoRA adapter to "
                                  f"merge (model kind {model.kind}, lora {model.lora})")
             sources.add((model.source, model.revision, model.tiny, model.gguf))

@@ -83,7 +83,7 @@ def encode(records: Sequence[dict[str, Any]], tokenizer: Any, config: ModelConfi
     when the run has one)."""
     if head is not None:
         return encode_head(records, tokenizer, head, max_length)
-    if config.kind == "encoder":
+    if config.model_kind.own_head:
         return encode_encoder(records, tokenizer, max_length)
     if task is not None and task.kind.training == "text":
         return encode_corpus(records, tokenizer, max_length)

@@ -20,6 +20,7 @@ from fin_tasks.artifacts import sha256_folder
 from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
 from fin_tasks.devices import DTYPES, compute_dtype, device_for, resolved_quantization
 from fin_tasks.errors import ModelError
+from fin_tasks.modelkinds import model_kind
 from fin_tasks.sources import BaseRef, resolve_source
 from fin_tasks.vocab import compute_in, vocab_computes_in
 from fin_tasks.weights import check_trained_weights
@@ -125,7 +126,7 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
     if ready is not None:  # its config carries the quantization settings
         ref, kwargs = ready, {key: v for key, v in kwargs.items() if key != "quantization_config"}
     try:
-        if config.kind == "encoder":
+        if config.model_kind.own_head:
             model = AutoModelForSequenceClassification.from_pretrained(
                 ref.name_or_path, num_labels=len(labels),
                 id2label=dict(enumerate(labels)),
@@ -141,7 +142,7 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
         return model
     if device.type == "cpu":
         _keep_cpu_4bit_layout(model)
-    if config.kind == "causal":
+    if config.model_kind.causal:
         compute_in(model, compute_dtype(config.quantization, device))
     return model
 
@@ -171,7 +172,8 @@ def save_quantized(config: ModelConfig, folder: Path) -> dict[str, Any] | None:
     """Store the 4-bit weights of the causal LM in `folder` in `folder/quantized/` (the
     bitsandbytes serialization), so later stages load them instead of quantizing again.
     Returns the record of the settings used, or None when nothing is stored."""
-    if config.kind != "causal" or config.quantization is None or config.quantization.bits != 4:
+    if not config.model_kind.causal or config.quantization is None or \
+            config.quantization.bits != 4:
         return None
     model = load_base(config, BaseRef(str(folder)))
     model.save_pretrained(folder / QUANTIZED_DIR, safe_serialization=True)
@@ -217,7 +219,7 @@ def lora_config(settings: LoraSettings, kind: str) -> Any:
         layers_to_transform=list(settings.layers_to_transform)
         if settings.layers_to_transform else None,
         use_dora=settings.use_dora, use_rslora=settings.use_rslora,
-        task_type=TaskType.SEQ_CLS if kind == "encoder" else TaskType.CAUSAL_LM)
+        task_type=getattr(TaskType, model_kind(kind).peft_task_type))
 
 
 def with_lora(model: Any, config: ModelConfig) -> Any:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fin_tasks.config import BASELINE_KINDS, HeadConfig, ModelConfig, PredictConfig
+from fin_tasks.config import HeadConfig, ModelConfig, PredictConfig
 from fin_tasks.encoding import Example, collate, encode_corpus, encode_encoder, encode_head
 from fin_tasks.errors import ModelError
 from fin_tasks.heads import load_head
@@ -318,7 +318,7 @@ def outputs_for(task: Task, config: ModelConfig, model: Any, tokenizer: Any,
     probabilities for a classifier (for a corpus: the text's log-likelihood). Inputs are
     encoded and cut at the training run's `max_length` as in training; a run that trained
     nothing (`trained` false: zero-shot) cuts prompts only to the model's context."""
-    if config.kind == "encoder" or head is not None:
+    if config.model_kind.predicts_by_head(head):
         examples = encode_head(records, tokenizer, head, max_length) if head is not None \
             else encode_encoder(records, tokenizer, max_length)
         return [_labelled(task, probs) for probs in classify(
@@ -358,7 +358,7 @@ def predict_run(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
                 train_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Predict every configured split with every variant of one trained run."""
     config, task, settings = run.model, run.task, run.predict
-    if config.kind in BASELINE_KINDS:
+    if config.model_kind.baseline:
         return predict_baseline(run, prepared_dir, train_dir, out_dir)
     base_dir, train_dir = Path(base_dir), Path(train_dir)
     predictors = {variant: partial(_predictor, variant, run, base_dir, train_dir)
@@ -420,7 +420,7 @@ def _model_predictor(load: Callable[[], Any], tokenizer_dir: Path, task: Task,
     """A function from records to outputs, with the model `load` returns loaded once."""
     model = load()
     tokenizer = load_tokenizer(BaseRef(str(tokenizer_dir)))
-    if config.kind == "encoder":
+    if config.model_kind.own_head:
         model.config.pad_token_id = tokenizer.pad_token_id
     return lambda records: outputs_for(task, config, model, tokenizer, records, settings,
                                        max_length, head, trained)

@@ -36,7 +36,7 @@ def variants_for(config: ModelConfig, settings: PredictConfig,
         return ("head",)
     if config.lora is None:
         return ("full",)
-    if config.kind == "encoder":  # an encoder's head exists only with its adapter
+    if config.model_kind.own_head:  # the head exists only with its trained adapter
         return tuple(v for v in settings.variants if v != "base") or ("adapter",)
     return settings.variants
 
@@ -78,7 +78,7 @@ def write_predictions(info: dict[str, Any], task: Task, config: ModelConfig,
     prepared_dir = Path(prepared_dir)
     splits = {s: read_jsonl(prepared_dir / f"{s}.jsonl") for s in settings.splits}
     only = settings.base_splits if settings.base_splits is not None else settings.splits
-    generative = config.kind == "causal" and "head" not in predictors
+    generative = config.model_kind.causal and "head" not in predictors
     info |= {"mode": settings.mode if task.kind.prediction == "label" and generative else None,
              "probabilities": _probabilities_from(task, config, settings, predictors),
              "variants": {}}
@@ -115,9 +115,9 @@ def _probabilities_from(task: Task, config: ModelConfig, settings: PredictConfig
     """Where a classifier's `probs` come from, for whoever combines them (an ensemble)."""
     if task.kind.prediction != "label":
         return None
-    if config.kind == "encoder" or "head" in predictors:
+    if config.model_kind.own_head or "head" in predictors:
         return "softmax of the head's logits"
-    if config.kind != "causal":
+    if not config.model_kind.causal:
         return "one-hot: the rule's one answer"
     return "softmax of each label's mean log-likelihood per token" + (
         "; the label is parsed from the generation and may differ from their argmax"

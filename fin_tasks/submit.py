@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_json
-from fin_tasks.config import BASELINE_KINDS, Params
+from fin_tasks.config import Params
 from fin_tasks.layout import ENSEMBLE_RECORD, ENSEMBLE_VARIANT, EVALUATION_FILE, Layout
 from fin_tasks.metrics import MISSING, perplexity
 from fin_tasks.tasks import Task, task_from_config
@@ -43,7 +43,7 @@ def choose(task_name: str, params: Params, layout: Layout) -> tuple[str, str, fl
     for run, spec in params.train.runs.items():
         if spec.task != task_name or choice.run not in ("auto", run):
             continue
-        baseline = params.models[spec.model].kind in BASELINE_KINDS
+        baseline = params.models[spec.model].model_kind.baseline
         if choice.run == "auto" and baseline and not choice.include_baselines:
             continue
         metrics = layout.read_evaluation(run)["metrics"]
@@ -191,7 +191,7 @@ def _leakage(task: Task, params: Params, layout: Layout, run: str, variant: str,
     head reads no text's likelihood)."""
     spec = params.train.runs[run]
     config = params.models[spec.model]
-    if config.kind != "causal" or not params.submit.leakage_rows or variant == "head":
+    if not config.model_kind.causal or not params.submit.leakage_rows or variant == "head":
         return None
     from fin_tasks.models import BaseRef, load_tokenizer
     from fin_tasks.predict import load_variant

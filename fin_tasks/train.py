@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from fin_tasks import baselines, checkpoints, costs
 from fin_tasks.artifacts import (atomic_dir, check_writable, package_versions, sha256_file,
                                  write_csv, write_json)
-from fin_tasks.config import BASELINE_KINDS, Hyper
+from fin_tasks.config import Hyper
 from fin_tasks.encoding import Example, collate, encode
 from fin_tasks.events import emit
 from fin_tasks.heads import with_label_head
@@ -205,7 +205,7 @@ def train(run: RunInputs, prepared_dir: str | Path, base_dir: str | Path,
     """
     prepared_dir, base_dir = Path(prepared_dir), Path(base_dir)
     check_writable(out_dir)  # before the training that would fill it
-    if run.model.kind in BASELINE_KINDS:
+    if run.model.model_kind.baseline:
         return baselines.train_baseline(run, prepared_dir, out_dir, plots_dir)
     if run.entry.zero_shot:
         metrics = _zero_shot(run, prepared_dir, base_dir, out_dir)
@@ -246,7 +246,7 @@ def _prepared_loop(run: RunInputs, prepared_dir: Path, ref: BaseRef, device: tor
     tokenizer = load_tokenizer(ref)
     base = load_base(config, ref, task.labels)
     model = with_label_head(base, config, head, task.labels) if head else with_lora(base, config)
-    if config.kind == "encoder":
+    if config.model_kind.own_head:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.train()
     train_set, valid_set = (encode(records, tokenizer, config, run.hyper.max_length, task, head)
@@ -370,28 +370,8 @@ class _Loop:
         # A bar on a terminal; in logs (non-TTY) the periodic log line carries the ETA.
         bar = tqdm(total=self.total_steps, initial=progress.step, desc="train", unit="step",
                    dynamic_ncols=True, disable=None if self.rank == 0 else True)
-        accumulate = self.accumulate
         while progress.step < self.total_steps and not progress.stopped_early:
-            started = time.perf_counter()
-            window = [self.micro_batch(progress.step * accumulate + k) for k in range(accumulate)]
-            terms = sum(_terms(batch) for batch in window)  # of the whole window, all processes
-            total = 0.0
-            for examples in window[self.rank::self.world]:
-                loss, _ = loss_sum(self.model, collate(examples, self.pad_id, self.device))
-                (loss / terms).backward()
-                total += loss.item()
-            if self.world > 1:
-                sum_gradients(_trainable(self.model))
-                total = self._sum(total)
-            progress.tokens += sum(e.tokens for batch in window for e in batch)
-            progress.examples += sum(len(batch) for batch in window)
-            torch.nn.utils.clip_grad_norm_(_trainable(self.model), 1.0)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            progress.step += 1
-            progress.elapsed += time.perf_counter() - started
-            self._log(progress, total / terms, bar)
+            self._log(progress, self._step(progress), bar)
             if self._eval_due(progress.step):
                 self._evaluate(progress)
             if progress.step % self.hyper.checkpoint_every == 0 and \
@@ -400,6 +380,31 @@ class _Loop:
             if on_step is not None:
                 on_step(progress.step)
         bar.close()
+
+    def _step(self, progress: Progress) -> float:
+        """One optimizer step over the next window of micro-batches, this process taking its
+        share of them; the window's mean loss (over every process)."""
+        started = time.perf_counter()
+        accumulate = self.accumulate
+        window = [self.micro_batch(progress.step * accumulate + k) for k in range(accumulate)]
+        terms = sum(_terms(batch) for batch in window)  # of the whole window, all processes
+        total = 0.0
+        for examples in window[self.rank::self.world]:
+            loss, _ = loss_sum(self.model, collate(examples, self.pad_id, self.device))
+            (loss / terms).backward()
+            total += loss.item()
+        if self.world > 1:
+            sum_gradients(_trainable(self.model))
+            total = self._sum(total)
+        progress.tokens += sum(e.tokens for batch in window for e in batch)
+        progress.examples += sum(len(batch) for batch in window)
+        torch.nn.utils.clip_grad_norm_(_trainable(self.model), 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.elapsed += time.perf_counter() - started
+        return total / terms
 
     def _sum(self, value: float) -> float:
         """A number added up over the processes of a data-parallel run."""
