@@ -15,7 +15,7 @@ from typing import Any
 
 from fin_tasks.artifacts import atomic_dir, read_jsonl, sha256_file, write_csv, write_json
 from fin_tasks.config import EvaluateConfig
-from fin_tasks.layout import ENSEMBLE_RECORD, EVALUATION_FILE
+from fin_tasks.layout import ENSEMBLE_RECORD, EVALUATION_FILE, HEADLINE_DIR
 from fin_tasks.runs import MergeInputs, RunInputs
 from fin_tasks.tasks import Task
 
@@ -23,7 +23,7 @@ from fin_tasks.tasks import Task
 def evaluate_run(run: RunInputs, prepared_dir: str | Path, predict_dir: str | Path,
                  out_dir: str | Path, plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every variant's predictions of one train run; write evaluation.json (the full
-    record) and metrics.json (its numbers)."""
+    record) and headline/<variant>.json (its ranking metric and interval per split)."""
     return evaluate_predictions(run.names, run.task, run.evaluate, prepared_dir, predict_dir,
                                 out_dir, plots_dir)
 
@@ -56,8 +56,8 @@ def evaluate_predictions(info: dict[str, Any], task: Task, settings: EvaluateCon
                          prepared_dir: str | Path, predict_dir: str | Path, out_dir: str | Path,
                          plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score every `<variant>/<split>.jsonl` under `predict_dir` on `task`'s labeled splits;
-    write evaluation.json (with `info`), its numbers in metrics.json, and confusion matrices
-    for `dvc plots`."""
+    write evaluation.json (with `info`), the headline figures of each variant, and confusion
+    matrices for `dvc plots`."""
     prepared_dir, predict_dir = Path(prepared_dir), Path(predict_dir)
     metrics: dict[str, Any] = {}
     confusions: dict[str, list[dict[str, str]]] = {}
@@ -80,9 +80,8 @@ def evaluate_predictions(info: dict[str, Any], task: Task, settings: EvaluateCon
                                      for p in sorted(predict_dir.rglob("*.jsonl"))}}
     with atomic_dir(out_dir) as scratch:
         write_json(scratch / EVALUATION_FILE, result)
-        write_json(scratch / "metrics.json", numbers_only(
-            {"metrics": metrics} | ({"merge_check": info["merge_check"]}
-                                    if "merge_check" in info else {})))
+        for variant, figures in headline(task, metrics, info.get("merge_check")).items():
+            write_json(scratch / HEADLINE_DIR / f"{variant}.json", figures)
     if plots_dir is not None:
         with atomic_dir(plots_dir) as scratch:
             for name, rows in confusions.items():
@@ -90,16 +89,20 @@ def evaluate_predictions(info: dict[str, Any], task: Task, settings: EvaluateCon
     return result
 
 
-def numbers_only(tree: dict[str, Any]) -> dict[str, Any]:
-    """The numbers of an evaluation, nested as they are, for `dvc metrics show`: a `<m>_ci95`
-    pair becomes `<m>_ci95_low` and `<m>_ci95_high`; names, flags and hashes stay in
-    evaluation.json beside it."""
-    numbers: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            numbers[key] = numbers_only(value)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            numbers[key] = value
-        elif key.endswith("_ci95") and isinstance(value, (list, tuple)) and len(value) == 2:
-            numbers[f"{key}_low"], numbers[f"{key}_high"] = value
-    return numbers
+def headline(task: Task, metrics: dict[str, dict[str, dict[str, Any]]],
+             merge_check: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
+    """Per variant, the ranking metric on each split with its 95% interval (`valid`,
+    `valid_low`, `valid_high`, ...), for `dvc metrics show` and `dvc exp show`: one small file
+    per variant, the same columns for every run, so the table stays narrow. A merge's
+    comparison adds its check (`check_max_abs_diff`) to the merged variant."""
+    ranking, figures = task.kind.ranking, {}
+    for variant, splits in metrics.items():
+        row: dict[str, float] = {}
+        for split, scores in splits.items():
+            row[split] = scores[ranking]
+            if scores.get(f"{ranking}_ci95"):
+                row[f"{split}_low"], row[f"{split}_high"] = scores[f"{ranking}_ci95"]
+        figures[variant] = row
+    if merge_check and "merged" in figures:
+        figures["merged"]["check_max_abs_diff"] = merge_check["max_abs_diff"]
+    return figures

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 EVALUATION_FILE = "evaluation.json"
+HEADLINE_DIR = "headline"  # in an evaluation folder: <variant>.json, for `dvc metrics show`
 ENSEMBLE_VARIANT = "ensemble"  # the one prediction folder of an ensemble
 ENSEMBLE_RECORD = "ensemble.json"  # an ensemble's members, weights and how it was fit
 
@@ -47,8 +48,8 @@ class Layout:
         return self.root / "evaluate" / key
 
     def read_evaluation(self, key: str) -> dict:
-        """The full record `evaluate` wrote for a run, merge or ensemble (metrics.json holds its
-        numbers only, for `dvc metrics`)."""
+        """The full record `evaluate` wrote for a run, merge or ensemble (headline/ holds each
+        variant's ranking metric and interval, for `dvc metrics`)."""
         return json.loads((self.evaluation(key) / EVALUATION_FILE).read_text(encoding="utf-8"))
 
     def plots(self, stage: str, run: str) -> Path:

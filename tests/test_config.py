@@ -255,7 +255,7 @@ def test_params_yaml_is_written_as_dvc_writes_it_back(tmp_path) -> None:
 
 def test_dvc_yaml_outputs_are_where_the_code_writes_them() -> None:
     """Output paths are written twice, in dvc.yaml and in fin_tasks/layout.py: they agree."""
-    from fin_tasks.layout import Layout
+    from fin_tasks.layout import HEADLINE_DIR, Layout
 
     layout = Layout()
     where = {
@@ -268,7 +268,7 @@ def test_dvc_yaml_outputs_are_where_the_code_writes_them() -> None:
         "submit": lambda k: {layout.submission(k)}, "report": lambda k: {layout.report()}}
     for group in ("evaluate", "evaluate_merge", "evaluate_ensemble"):
         where[group] = lambda k: {layout.evaluation(k) / "evaluation.json",
-                                  layout.evaluation(k) / "metrics.json",
+                                  layout.evaluation(k) / HEADLINE_DIR,
                                   layout.plots("evaluate", k)}
     stages = _expanded_stages(yaml.safe_load((ROOT / "params.yaml").read_text()))
     assert {name.split("@")[0] for name, _ in stages} == set(where)
