@@ -18,7 +18,7 @@ import torch
 
 from fin_tasks.artifacts import sha256_folder
 from fin_tasks.config import LoraSettings, ModelConfig, QuantConfig
-from fin_tasks.devices import DTYPES, compute_dtype, device_for, resolved_quantization
+from fin_tasks.devices import DTYPES, compute_dtype, device_for
 from fin_tasks.errors import ModelError
 from fin_tasks.modelkinds import model_kind
 from fin_tasks.sources import BaseRef, resolve_source
@@ -148,12 +148,13 @@ def load_base(config: ModelConfig, ref: BaseRef, labels: tuple[str, ...] = ()) -
 
 
 def quantization_record(config: ModelConfig) -> dict[str, Any] | None:
-    """The settings that decide a quantized model's weights and kernels here: the resolved
-    quantization, the dtype of the weights left unquantized (a ready copy keeps the dtype it
-    was stored in) and the device kind."""
-    resolved = resolved_quantization(config)
-    return None if resolved is None else resolved | {"dtype": config.dtype,
-                                                      "device": device_for(config).type}
+    """The settings that decide a quantized model's stored weights: the quantization (its
+    compute dtype apart: that is set at load, see `compute_in`), the dtype of the weights left
+    unquantized (a ready copy keeps the dtype it was stored in) and the device kind."""
+    if config.quantization is None:
+        return None
+    return config.quantization.model_dump(mode="json", exclude={"compute_dtype"}) | {
+        "dtype": config.dtype, "device": device_for(config).type}
 
 
 def ready_quantized(config: ModelConfig, ref: BaseRef) -> BaseRef | None:
@@ -175,7 +176,11 @@ def save_quantized(config: ModelConfig, folder: Path) -> dict[str, Any] | None:
     if not config.model_kind.causal or config.quantization is None or \
             config.quantization.bits != 4:
         return None
-    model = load_base(config, BaseRef(str(folder)))
+    # stored with one compute dtype whatever `auto` gives here, so that the base stage writes
+    # the same bytes on CPUs with and without bf16; each load sets its own (`compute_in`)
+    stored = config.model_copy(update={"quantization": config.quantization.model_copy(
+        update={"compute_dtype": "float32"})})
+    model = load_base(stored, BaseRef(str(folder)))
     model.save_pretrained(folder / QUANTIZED_DIR, safe_serialization=True)
     record = quantization_record(config)
     (folder / QUANTIZED_DIR / QUANTIZED_RECORD).write_text(json.dumps(record, indent=2) + "\n",

@@ -29,6 +29,8 @@ def compute_in(model: Any, dtype: torch.dtype) -> None:
         state = getattr(getattr(module, "weight", None), "quant_state", None)
         if state is not None:
             state.dtype = dtype
+            if hasattr(module, "compute_dtype"):  # bitsandbytes' Linear4bit casts inputs to it
+                module.compute_dtype = dtype
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     if embeddings is not None:
         embeddings.register_forward_hook(_cast_embeddings)

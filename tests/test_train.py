@@ -548,12 +548,15 @@ def test_a_baselines_stages_never_import_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "False"
     fitted = (tmp_path / "train/majority-finarg_ecc/baseline.json").read_text()
-    assert '"label": "claim"' in fitted  # 20 claims, 17 premises in the demo's train split
+    assert '"label": "premise"' in fitted  # 91 premises, 69 claims in the demo's train split
     assert (tmp_path / "plots/train/majority-finarg_ecc/train_loss.csv").read_text() == (
         "step,train_loss\n")
     rows = read_jsonl(tmp_path / "predict/majority-finarg_ecc/baseline/test.jsonl")
-    assert len(rows) == 16 and {r["label"] for r in rows} == {"claim"}
-    assert "f1_weighted" in (tmp_path / "evaluate/majority-finarg_ecc/metrics.json").read_text()
+    assert len(rows) == 80 and {r["label"] for r in rows} == {"premise"}
+    headline = json.loads((tmp_path / "evaluate/majority-finarg_ecc/headline/baseline.json")
+                          .read_text())
+    assert set(headline) == {"valid", "valid_low", "valid_high", "test", "test_low", "test_high"}
+    assert "wall_s" in json.loads((tmp_path / "costs/train/majority-finarg_ecc.json").read_text())
 
 
 def test_a_ready_quantized_base_loads_what_quantizing_at_load_gives(workspace, tmp_path) -> None:
