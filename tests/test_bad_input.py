@@ -51,34 +51,30 @@ def test_missing_field_in_a_jsonl_row(finarg_dir: Path, tmp_path: Path) -> None:
         f"{finarg_dir / 'train.jsonl'}, line 7, field 'text': missing field")
 
 
-def test_missing_column_in_a_csv_header(tmp_path: Path) -> None:
+def _csv_error(tmp_path: Path, text: str) -> str:
+    """The error of preparing one CSV file (columns ID, text, label); nothing is written."""
     raw = tmp_path / "raw"
     raw.mkdir()
-    (raw / "sentences.csv").write_text("ID,sentence\n1,Profit rose.\n", encoding="utf-8")
+    (raw / "sentences.csv").write_text(text, encoding="utf-8")
     config = TaskConfig.model_validate({
         "type": "classification", "data": str(raw), "splits": {"train": "sentences.csv"},
         "columns": {"id": "ID", "text": "text", "label": "label"}, "labels": ["neg", "pos"],
         "instruction": "Classify."})
     with pytest.raises(DataError) as caught:
         prepare_task("s", config, PrepareConfig(), tmp_path / "out")
-    assert str(caught.value).startswith(
-        f"{raw / 'sentences.csv'}, line 1, field 'text': missing column")
+    assert not (tmp_path / "out").exists()
+    return str(caught.value)
+
+
+def test_missing_column_in_a_csv_header(tmp_path: Path) -> None:
+    assert _csv_error(tmp_path, "ID,sentence\n1,Profit rose.\n").startswith(
+        f"{tmp_path / 'raw/sentences.csv'}, line 1, field 'text': missing column")
 
 
 def test_a_nul_byte_in_a_csv_field_is_refused(tmp_path: Path) -> None:
-    raw = tmp_path / "raw"
-    raw.mkdir()
-    (raw / "sentences.csv").write_text("ID,text,label\n1,Profit rose.,pos\n"
-                                       "2,Costs\x00 fell.,neg\n", encoding="utf-8")
-    config = TaskConfig.model_validate({
-        "type": "classification", "data": str(raw), "splits": {"train": "sentences.csv"},
-        "columns": {"id": "ID", "text": "text", "label": "label"}, "labels": ["neg", "pos"],
-        "instruction": "Classify."})
-    with pytest.raises(DataError) as caught:
-        prepare_task("s", config, PrepareConfig(), tmp_path / "out")
-    assert str(caught.value).startswith(
-        f"{raw / 'sentences.csv'}, line 3, field 'text': a NUL byte at character 6")
-    assert not (tmp_path / "out").exists()
+    text = "ID,text,label\n1,Profit rose.,pos\n2,Costs\x00 fell.,neg\n"
+    assert _csv_error(tmp_path, text).startswith(
+        f"{tmp_path / 'raw/sentences.csv'}, line 3, field 'text': a NUL byte at character 6")
 
 
 def test_a_number_where_the_text_belongs_is_refused(finarg_dir: Path, tmp_path: Path) -> None:
