@@ -249,8 +249,8 @@ def test_params_yaml_is_written_as_dvc_writes_it_back(tmp_path) -> None:
         (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines(),
         copy.read_text(encoding="utf-8").splitlines(), lineterm="", n=0)
         if line[:1] in "+-" and line[:3] not in ("+++", "---")]
-    assert diff == ["-      hyper: {lr: 1.5e-3, max_length: 256, epochs: 1}",
-                    "+      hyper: {lr: 0.002, max_length: 256, epochs: 1}"]
+    assert diff == ["-      hyper: {lr: 1.0e-3, max_length: 256}",
+                    "+      hyper: {lr: 0.002, max_length: 256}"]
 
 
 def test_dvc_yaml_outputs_are_where_the_code_writes_them() -> None:
