@@ -7,7 +7,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from fin_tasks.config import TinyConfig
@@ -34,6 +36,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
                                    eos_token=eos, model_max_length=1_000_000)
 
 
+def _same_weights_on_every_cpu(model: Any, seed: int, std: float) -> None:
+    """Draw the weight matrices again from numpy's generator: torch's CPU `normal_` takes
+    vectorized paths that differ between AVX2 and AVX-512 in the last bits, and the base stage
+    must write the same bytes on both (norms keep their ones)."""
+    rng = np.random.default_rng(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                drawn = rng.normal(0.0, std, tuple(parameter.shape)).astype(np.float32)
+                parameter.copy_(torch.from_numpy(drawn))
+
+
 def build_tiny(config: TinyConfig, texts: Iterable[str], out_dir: str | Path) -> None:
     """Write a randomly initialised tiny Llama and its tokenizer into `out_dir`."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,6 +62,7 @@ def build_tiny(config: TinyConfig, texts: Iterable[str], out_dir: str | Path) ->
         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(model_config)
+    _same_weights_on_every_cpu(model, config.seed, model_config.initializer_range)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

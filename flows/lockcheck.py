@@ -41,11 +41,23 @@ def machine_kind() -> dict[str, str]:
 
 
 def runs_a_model(stage: Stage, params: Params) -> bool:
-    """Whether a stage itself loads a model to train or predict (not a baseline's)."""
+    """Whether a stage itself runs a model: to train or predict (not a baseline's), or to
+    score summaries by BERTScore (an encoder embeds them)."""
+    if stage.group.startswith("evaluate"):
+        return params.evaluate.bertscore_model is not None and \
+            params.tasks[_task_of(stage, params)].kind.name == "summarization"
     if stage.group not in MODEL_GROUPS:
         return False
     run = params.train.runs.get(stage.key or "")
     return run is None or params.models[run.model].kind not in BASELINE_KINDS
+
+
+def _task_of(stage: Stage, params: Params) -> str:
+    """The task an evaluation scores: its run's, merge's or ensemble's."""
+    key = stage.key or ""
+    if key in params.train.runs:
+        return params.train.runs[key].task
+    return params.merge[key].evaluate_on if key in params.merge else params.ensemble[key].task
 
 
 def machine_bound(stages: list[Stage], params: Params) -> set[str]:
