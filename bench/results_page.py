@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--note", default="", help="a line on the conditions of the run")
     parser.add_argument("--commit", help="the commit the run used, when the checkout has "
                         "moved on since (default: the checkout's)")
+    parser.add_argument("--command", help="the command that made the outputs (default: "
+                        "`bash scripts/run-config.sh CONFIG`)")
     args = parser.parse_args()
     today = datetime.date.today().isoformat()
     name = Path(args.config).stem
@@ -103,9 +105,10 @@ def main() -> None:
     board = (args.out_dir / "report" / "leaderboard.md").read_text(encoding="utf-8")
     board = board.replace("# Leaderboard", "## Leaderboard (the run's `report` stage)", 1)
     lines = [f"# {name}: results of {today}", "",
-             f"- command: `bash scripts/run-config.sh {args.config}`",
+             f"- command: `{args.command or 'bash scripts/run-config.sh ' + args.config}`",
              f"- page: `python bench/results_page.py {args.out_dir} --config {args.config}"
              f"{' --log LOG' if args.log else ''}"
+             f"{' --command ' + repr(args.command) if args.command else ''}"
              f"{' --commit ' + args.commit if args.commit else ''}`",
              f"- commit: {args.commit or commit()}", f"- machine: {machine()}",
              *([f"- conditions: {args.note}"] if args.note else []), "",

@@ -43,7 +43,7 @@ from fin_tasks.prompting import IGNORE
 from fin_tasks.runs import (RunInputs, run_record, selected_on, selection_split,
                             training_records, write_loss_plots)
 from fin_tasks.sources import BaseRef
-from fin_tasks.weights import WEIGHTS_KEY, weight_hashes
+from fin_tasks.weights import WEIGHTS_KEY, canonical_adapter_configs, weight_hashes
 
 log = logging.getLogger(__name__)
 
@@ -574,6 +574,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
     weights = weights_folder(run)
     with atomic_dir(out_dir) as scratch:
         model.save_pretrained(scratch / weights, safe_serialization=True)
+        canonical_adapter_configs(scratch / weights)
         tokenizer.save_pretrained(scratch / "tokenizer")
         for name, rows in (("history.csv", loop.history), ("valid.csv", loop.valid_history)):
             write_csv(scratch / name, rows, list(rows[0]) if rows else ["step"])

@@ -9,6 +9,21 @@ from pathlib import Path
 from fin_tasks.artifacts import sha256_file
 from fin_tasks.errors import ModelError
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def canonical_adapter_configs(folder: Path) -> None:
+    """Write every adapter_config.json under `folder` with its lists in sorted order: peft
+    keeps `target_modules` as a set, so the saved order follows Python's per-process string
+    hashing and the same adapter would get other bytes on each run."""
+    for path in sorted(folder.rglob(ADAPTER_CONFIG)):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        for key in ("target_modules", "modules_to_save"):
+            if isinstance(config.get(key), list):
+                config[key] = sorted(config[key])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 WEIGHTS_KEY = "weights"  # train_config.json: sha256 of every file training wrote as weights
 
 

@@ -140,6 +140,10 @@ def test_train_writes_adapter_records_and_resumes_exactly(workspace, tmp_path) -
     for name in ("metrics.json", "train_config.json", "valid.csv", "tokenizer/tokenizer.json"):
         assert (tmp_path / "resumed" / name).exists(), name
     assert straight["tokens_per_s"] > 0 and straight["peak_memory_bytes"] > 0
+    # peft saves target_modules from a set: in hash order unless written sorted
+    adapter = json.loads((tmp_path / "resumed/adapter/adapter_config.json").read_text())
+    assert adapter["target_modules"] == sorted(adapter["target_modules"])
+    assert len(adapter["target_modules"]) > 1
     numerics = {"compute_dtype": "float32", "device": "cpu"}  # the tiny model pins float32
     config = json.loads((tmp_path / "resumed/train_config.json").read_text())
     assert config["numerics"] == numerics and numerics.items() <= resumed.items()
