@@ -21,7 +21,7 @@ import torch
 
 from fin_tasks.config import HeadConfig, ModelConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.models import frozen_as_in_training, with_lora
+from fin_tasks.models import frozen_as_in_training, import_peft, with_lora
 from fin_tasks.weights import check_trained_weights
 
 HEAD_FILE = "head.safetensors"
@@ -120,6 +120,7 @@ def load_head(model: Any, config: ModelConfig, folder: Path,
                          f"labels are {list(labels)}; retrain the run")
     lm = frozen_as_in_training(model, config)
     if (folder / "adapter_config.json").exists():
+        import_peft()
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, str(folder))

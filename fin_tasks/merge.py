@@ -23,8 +23,8 @@ import torch
 from fin_tasks.artifacts import atomic_dir, package_versions, read_jsonl, sha256_file, write_json
 from fin_tasks.config import EXACT_MERGES, MergeConfig, ModelConfig
 from fin_tasks.errors import ModelError
-from fin_tasks.models import (BaseRef, base_identity, dequantized, load_base, load_tokenizer,
-                              read_base_ref)
+from fin_tasks.models import (BaseRef, base_identity, dequantized, import_peft, load_base,
+                              load_tokenizer, read_base_ref)
 from fin_tasks.prompting import render_prompt
 from fin_tasks.runs import MergeInputs
 from fin_tasks.weights import check_trained_weights
@@ -68,6 +68,7 @@ def probe_logits(model: Any, probe: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def _lora_layers(model: Any) -> list[Any]:
+    import_peft()
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
@@ -94,6 +95,7 @@ def unmerged_logits(model: Any, names: Sequence[str], weights: Sequence[float],
 def combine(model: Any, names: Sequence[str], adapter_dirs: Sequence[Path],
             merge: MergeConfig) -> Any:
     """The plain model after merging (peft layers gone), by the configured method."""
+    import_peft()
     from peft import PeftModel
 
     weights = merge.adapter_weights
@@ -120,6 +122,7 @@ def combine(model: Any, names: Sequence[str], adapter_dirs: Sequence[Path],
 def merge_adapters(inputs: MergeInputs, base_dir: str | Path, train_root: str | Path,
                    probe_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Merge, check and save one `merge` entry into `out_dir` (atomically); its record."""
+    import_peft()
     from peft import PeftModel
 
     name, merge, config = inputs.name, inputs.config, inputs.model

@@ -71,6 +71,13 @@ def _hub_kernel_notices_quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
+def import_peft() -> None:
+    """Import peft (and with it bitsandbytes, which peft loads when installed) with those
+    notices quiet; later `from peft import ...` lines then find it loaded."""
+    with _hub_kernel_notices_quiet():
+        import peft  # noqa: F401
+
+
 def bitsandbytes_config(quant: QuantConfig | None,
                         device: torch.device = torch.device("cpu")) -> Any:
     """A transformers BitsAndBytesConfig, after checking bitsandbytes can run here."""
@@ -215,6 +222,7 @@ def dequantized(model: Any, config: ModelConfig) -> Any:
 
 def lora_config(settings: LoraSettings, kind: str) -> Any:
     """A peft LoraConfig from params."""
+    import_peft()
     from peft import LoraConfig, TaskType
 
     target = settings.target_modules
@@ -231,6 +239,7 @@ def with_lora(model: Any, config: ModelConfig) -> Any:
     """Wrap a base in fresh LoRA adapters (the base frozen); a no-op for full fine-tuning."""
     if config.lora is None:
         return model
+    import_peft()
     from peft import get_peft_model
 
     if config.quantization is not None:
@@ -270,6 +279,7 @@ def _freeze_for_kbit_training(model: Any) -> None:
 def with_adapter(model: Any, adapter_dir: str | Path) -> Any:
     """Attach a saved adapter to a freshly loaded base, for inference (after checking the
     adapter is the one training wrote)."""
+    import_peft()
     from peft import PeftModel
 
     check_trained_weights(Path(adapter_dir))

@@ -574,7 +574,7 @@ def _save(run: RunInputs, loop: _Loop, progress: Progress, tokenizer: Any,
     weights = weights_folder(run)
     with atomic_dir(out_dir) as scratch:
         model.save_pretrained(scratch / weights, safe_serialization=True)
-        canonical_adapter_configs(scratch / weights)
+        canonical_adapter_configs(scratch / weights, run.model.source or run.entry.model)
         tokenizer.save_pretrained(scratch / "tokenizer")
         for name, rows in (("history.csv", loop.history), ("valid.csv", loop.valid_history)):
             write_csv(scratch / name, rows, list(rows[0]) if rows else ["step"])

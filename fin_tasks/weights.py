@@ -12,15 +12,23 @@ from fin_tasks.errors import ModelError
 ADAPTER_CONFIG = "adapter_config.json"
 
 
-def canonical_adapter_configs(folder: Path) -> None:
-    """Write every adapter_config.json under `folder` with its lists in sorted order: peft
-    keeps `target_modules` as a set, so the saved order follows Python's per-process string
-    hashing and the same adapter would get other bytes on each run."""
+def canonical_adapter_configs(folder: Path, base_name: str) -> None:
+    """Write every adapter_config.json under `folder` (and the model card peft writes beside
+    it) the same way on every run and machine: lists in sorted order (peft keeps
+    `target_modules` as a set, saved in the order of each process's string hashing), and an
+    absolute base path (a package's folder in this machine's venv) as `base_name`."""
     for path in sorted(folder.rglob(ADAPTER_CONFIG)):
         config = json.loads(path.read_text(encoding="utf-8"))
         for key in ("target_modules", "modules_to_save"):
             if isinstance(config.get(key), list):
                 config[key] = sorted(config[key])
+        recorded = config.get("base_model_name_or_path")
+        card = path.with_name("README.md")
+        if recorded and Path(recorded).is_absolute():
+            config["base_model_name_or_path"] = base_name
+            if card.exists():
+                card.write_text(card.read_text(encoding="utf-8").replace(recorded, base_name),
+                                encoding="utf-8")
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

