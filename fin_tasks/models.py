@@ -45,8 +45,13 @@ def read_base_ref(base_dir: str | Path) -> BaseRef:
 def base_identity(ref: BaseRef, base_dir: str | Path) -> dict[str, Any]:
     """What identifies a base model: its reference, and a content hash of its `base` folder
     (the built weights and tokenizer, or the pointer naming a hub id and revision).
-    Adapters can be combined only when this hash agrees."""
-    return {"name_or_path": ref.name_or_path, "revision": ref.revision,
+    Adapters can be combined only when this hash agrees. A package's weights are named by
+    their source (`package:<module>`), not by their folder in this machine's venv."""
+    pointer = Path(base_dir) / SOURCE_FILE
+    name = ref.name_or_path
+    if Path(name).is_absolute() and pointer.exists():
+        name = json.loads(pointer.read_text(encoding="utf-8"))["source"]
+    return {"name_or_path": name, "revision": ref.revision,
             "sha256": sha256_folder(base_dir, exclude=("base.json",))}
 
 

